@@ -1,0 +1,364 @@
+"""One config system for every stage: dataclasses with documented fields, YAML presets,
+`--config FILE` and `--set section.field=value` overrides.
+
+Every field's `help` says what it does and, where the paper and the authors' code differ,
+which one the default follows. `rstar config show --preset NAME` prints them all.
+
+Presets live in `rstar/presets/*.yaml`; a preset may name a `base` preset that it extends.
+Resolution order: dataclass defaults < preset (and its bases) < --config file < --set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rstar import RstarError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class SearchConfig:
+    mode: str = _f("mcts", "search algorithm: mcts | beam | bon (best-of-N) | greedy")
+    rollouts: int = _f(
+        16, "MCTS rollouts per problem (paper: 8 in round 1, 16 in rounds 2-4; authors' configs: 48)"
+    )
+    num_samples: int = _f(
+        12, "candidate steps sampled per expansion (authors: 12 data generation, 32 eval MCTS, 8 beam search)"
+    )
+    answer_samples: int = _f(
+        1,
+        "samples when expanding a node whose step ended the code (<end_of_code>): its children are final "
+        "answers that rarely differ, so the authors keep one",
+    )
+    max_depth: int = _f(16, "steps after which a trajectory is terminal ('too deep', value -1)")
+    c_puct: float = _f(2.0, "UCT exploration constant c in Q(s) + c*sqrt(ln N_parent / N(s))")
+    unvisited: str = _f(
+        "inf",
+        "UCT of an unvisited child: 'inf' (textbook: visit every child once first) or 'zero' "
+        "(the authors' code: exploration term 0, so round-1 search is nearly depth-first)",
+    )
+    error_threshold: int = _f(
+        1,
+        "consecutive code errors that make a node terminal (authors: 2 in round 1, 1 in rounds 2-4 and eval)",
+    )
+    terminal_guided: bool = _f(
+        True,
+        "data generation: back up +1/-1 from the graded final answer (rounds 1-4, needs the gold answer)",
+    )
+    ppm_init: bool = _f(False, "initialise each new node's q with the PPM score of its prefix (rounds 3-4)")
+    temperature: float = _f(0.7, "sampling temperature of the policy (greedy mode always uses 0)")
+    top_p: float = _f(0.95, "nucleus sampling of the policy")
+    max_new_tokens: int = _f(
+        512, "token limit of one generated step; a step cut by it is terminal and invalid"
+    )
+    prompt_style: str = _f(
+        "sft", "'sft' (the authors' training prompt) or 'fewshot' (instructions + example, for round 1)"
+    )
+    stop_at_output: bool = _f(
+        False, "also stop at <end_of_output> (round 1: a bootstrap model must not invent the executor output)"
+    )
+    beam_width: int = _f(8, "step beam search: partial trajectories kept per step (paper: 8 x 8)")
+    trajectories: int = _f(
+        1, "independent searches per problem, each with its own recorded seed (best-of-N: solutions sampled)"
+    )
+    seed: int = _f(
+        0, "run seed; each problem's search seed derives from it, the problem id and the search index"
+    )
+
+
+@dataclass
+class SandboxSettings:
+    timeout_s: float = _f(5.0, "wall-clock limit of one program run (CPU time is limited to the same)")
+    memory_mb: int = _f(512, "address-space limit of one program run")
+    max_output_bytes: int = _f(64_000, "captured output beyond this is cut and the run is an error")
+    max_file_bytes: int = _f(1_000_000, "largest file a program may write in its private directory")
+    max_processes: int = _f(16, "process limit of a program (fork bombs stop here)")
+    workers: int = _f(2, "warm sandbox workers")
+    output_style: str = _f(
+        "faithful",
+        "'faithful' (what Python prints) or 'authors' (their executor: 4-decimal floats, their error format) "
+        "for policies trained on their released data",
+    )
+
+
+@dataclass
+class ModelConfig:
+    policy: str = _f("", "policy: HF path or hub name (or an http(s):// URL of an OpenAI-compatible server)")
+    ppm: str = _f("", "reward model directory (PPM, ORM or PQM); empty = none")
+    backend: str = _f("hf", "policy backend: hf | vllm | openai")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    max_batch_size: int = _f(64, "sequences per model forward pass (generation and scoring)")
+
+
+@dataclass
+class SchedulerConfig:
+    max_inflight: int = _f(64, "problems searched concurrently; their pending work is batched together")
+    grading_timeout_s: float = _f(5.0, "hard timeout of one answer-equivalence check")
+
+
+@dataclass
+class TrainConfig:
+    """One training run (policy SFT or reward model). Paper defaults (authors' README): lr 7e-6,
+    2 epochs, global batch 128 (SFT) / 512 pairs (PPM); tiny models need far larger lr."""
+
+    learning_rate: float = _f(7e-6, "peak learning rate (cosine schedule after warmup)")
+    epochs: float = _f(2.0, "passes over the data")
+    batch_size: int = _f(128, "global batch: sequences (SFT) or pairs (PPM) per optimizer step")
+    micro_batch_size: int = _f(8, "per-device batch; gradient accumulation makes up the global batch")
+    max_length: int = _f(2048, "token limit; reward-model inputs are cut from the left so the scored step stays whole")
+    warmup_ratio: float = _f(0.03, "share of steps with linear warmup")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    eval_fraction: float = _f(0.05, "share of the data held out for evaluation (PPM: pairwise accuracy)")
+    bf16: str = _f("auto", "auto (bf16 where the hardware supports it) | true | false")
+    seed: int = _f(0, "training seed (data order, held-out split, head initialisation)")
+    logging_steps: int = _f(10, "optimizer steps between log lines")
+
+
+def _ppm_train_defaults() -> TrainConfig:
+    return TrainConfig(batch_size=512, micro_batch_size=8)
+
+
+@dataclass
+class Config:
+    search: SearchConfig = field(default_factory=SearchConfig)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    ppm: TrainConfig = field(default_factory=_ppm_train_defaults)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: Config) -> None:
+    s = cfg.search
+    _check(s.mode in ("mcts", "beam", "bon", "greedy"), "search.mode", s.mode, "mcts | beam | bon | greedy")
+    _check(s.unvisited in ("inf", "zero"), "search.unvisited", s.unvisited, "inf | zero")
+    _check(s.prompt_style in ("sft", "fewshot"), "search.prompt_style", s.prompt_style, "sft | fewshot")
+    for name in (
+        "rollouts",
+        "num_samples",
+        "answer_samples",
+        "max_depth",
+        "error_threshold",
+        "beam_width",
+        "trajectories",
+    ):
+        _check(getattr(s, name) >= 1, f"search.{name}", getattr(s, name), "an integer >= 1")
+    _check(0 < s.top_p <= 1, "search.top_p", s.top_p, "in (0, 1]")
+    _check(s.temperature >= 0, "search.temperature", s.temperature, ">= 0")
+    _check(
+        cfg.sandbox.output_style in ("faithful", "authors"),
+        "sandbox.output_style",
+        cfg.sandbox.output_style,
+        "faithful | authors",
+    )
+    _check(
+        cfg.model.backend in ("hf", "vllm", "openai"),
+        "model.backend",
+        cfg.model.backend,
+        "hf | vllm | openai",
+    )
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: expected {expected}")
+
+
+class ConfigError(RstarError):
+    pass
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path, where: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def preset_dict(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}")
+    if name in _seen:
+        raise ConfigError(f"preset {name!r} extends itself through {' -> '.join(_seen)}")
+    data = _read_yaml(path, f"preset {name} ({path})")
+    base = data.pop("base", None)
+    return _merge(preset_dict(base, (*_seen, name)), data) if base else data
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    cls: type = Config,
+) -> Any:
+    """Resolve a config: defaults < preset < config file < `section.field=value` overrides."""
+    data: dict = {}
+    if preset:
+        data = _merge(data, preset_dict(preset))
+    if config_file:
+        file_data = _read_yaml(Path(config_file), str(config_file))
+        if "base" in file_data:
+            data = _merge(data, preset_dict(file_data.pop("base")))
+        data = _merge(data, file_data)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        cursor = data
+        *path, last = key.strip().split(".")
+        for part in path:
+            cursor = cursor.setdefault(part, {})
+        cursor[last] = yaml.safe_load(raw)  # YAML scalars: 16, 0.5, true, "text"
+    return from_dict(cls, data)
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build a (nested) config dataclass from a mapping, with errors that name the field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {sorted(where + k for k in unknown)}; known: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name}: expected a mapping, got {value!r}")
+            kwargs[name] = from_dict(tp, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(tp, value, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [v.strip() for v in str(value).split(",") if v.strip()]
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item, v, name) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    if tp in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        if tp is int and float(value) != int(value):
+            raise ConfigError(f"{name}={value!r}: expected an integer")
+        return tp(value)
+    if tp is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted name, value, help) for every leaf field."""
+    rows = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, value, f.metadata.get("help", "")))
+    return rows
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
+    """The config flags every command that runs a search shares."""
+    parser.add_argument("--preset", default=default_preset, help=f"preset: {', '.join(list_presets())}")
+    parser.add_argument(
+        "--config", dest="config_file", help="YAML file of config sections (may name a `base` preset)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. search.rollouts=32",
+    )
+
+
+def config_from_args(args: argparse.Namespace, cls: type = Config) -> Any:
+    return load_config(args.preset, args.config_file, args.overrides, cls=cls)
+
+
+# --- CLI: rstar config show ----------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True)
+    show = sub.add_parser("show", help="print the resolved config with each field's meaning")
+    add_config_arguments(show)
+    show.add_argument("--json", action="store_true", help="print JSON instead of the annotated listing")
+    show.set_defaults(func=_show)
+    lst = sub.add_parser("presets", help="list the presets")
+    lst.set_defaults(func=lambda a: print("\n".join(list_presets())))
+
+
+def _show(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.json:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    for name, value, help_ in describe(cfg):
+        print(f"{name} = {json.dumps(value)}\n    {help_}")
+    return 0

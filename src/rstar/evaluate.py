@@ -1,0 +1,423 @@
+"""`rstar eval`: search modes on a benchmark, the paper's answer selection, scaling curves and
+the reward-model ablation (paper section 4: Figure 3, Table 8).
+
+Every mode's searches go to `OUT/<run>/trees.jsonl` through the same `generate` as data
+generation (so a killed eval resumes), then metrics are computed from the tree files:
+
+- a *trajectory* is one complete solution with an answer and a reward score: for MCTS and
+  beam search, each independent search (its own seed) contributes the answer it settles on
+  (`best_answer_node`); best-of-N contributes each of its N sampled solutions; greedy one;
+- at budget k (the first k trajectories, so one run serves every budget on the curve):
+  `majority` (self-consistency), `best_of_n` (highest reward score), `topk_vote` (the paper's
+  final answer: majority vote over the top-K trajectories by score), `topk_weighted` (the same
+  vote weighted by score), and `pass` (any correct: an upper bound).
+
+Answers are grouped into equivalence classes with the grader (math-verify), so `0.5` and
+`\\frac{1}{2}` vote together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rstar import RstarError
+from rstar.config import Config, add_config_arguments
+from rstar.search.expand import best_answer_node
+from rstar.search.tree import Tree
+from rstar.search.treefile import iter_records
+
+METRICS = ("majority", "best_of_n", "topk_vote", "topk_weighted", "pass")
+
+# Benchmarks by name: a local file `{file}` in the data directory when there is one (the
+# authors' eval_data names), else the hub dataset.
+BENCHMARKS: dict[str, dict] = {
+    "math500": {
+        "file": "math500_test.json",
+        "hub": "hf:HuggingFaceH4/MATH-500::test",
+        "answer": "answer",
+        "question": "problem",
+    },
+    "aime2024": {
+        "file": "aime2024_test.json",
+        "hub": "hf:Maxwell-Jia/AIME_2024::train",
+        "answer": "Answer",
+        "question": "Problem",
+    },
+    "amc23": {
+        "file": "amc23_test.json",
+        "hub": "hf:math-ai/amc23::test",
+        "answer": "answer",
+        "question": "question",
+    },
+    "gsm8k": {
+        "file": "GSM8K_test.json",
+        "hub": "hf:openai/gsm8k:main:test",
+        "answer": "answer",
+        "question": "question",
+    },
+    "olympiadbench": {
+        "file": "olympiadbench_test.json",
+        "hub": "hf:Hothan/OlympiadBench:OE_TO_maths_en_COMP:train",
+        "answer": "final_answer",
+        "question": "question",
+    },
+    "collegemath": {
+        "file": "collegemath_test.json",
+        "hub": "hf:realtreetune/college_math::test",
+        "answer": "answer",
+        "question": "question",
+    },
+    "gaokao2023en": {
+        "file": "gaokao2023en_test.json",
+        "hub": "hf:MARIO-Math-Reasoning/Gaokao2023-Math-En::train",
+        "answer": "answer",
+        "question": "question",
+    },
+    "omni-math": {
+        "file": "omni-math_test.json",
+        "hub": "hf:KbsdJames/Omni-MATH::test",
+        "answer": "answer",
+        "question": "problem",
+    },
+}
+
+
+def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = None) -> list:
+    """A benchmark by name (local authors' file first, then the hub), the embedded world's
+    test split (`world`), or any problem file."""
+    from rstar.data.problems import load_problems
+
+    if name == "world" or name.startswith("world:"):
+        from rstar.data.world import WorldConfig, make_split
+
+        n = int(name.split(":", 1)[1]) if ":" in name else 50
+        return make_split("test", n, WorldConfig())[:limit] if limit else make_split("test", n, WorldConfig())
+    spec = BENCHMARKS.get(name.lower())
+    if spec is None:
+        if not Path(name).exists():
+            raise RstarError(
+                f"unknown benchmark {name!r}: not a file, and not one of {', '.join(['world', *BENCHMARKS])}"
+            )
+        return load_problems(name, limit=limit)
+    dirs = [d for d in (data_dir, os.environ.get("RSTAR_DATA_DIR")) if d]
+    for d in dirs:
+        for path in Path(d).glob("*"):
+            if path.name.lower() == spec["file"].lower():
+                return load_problems(path, limit=limit)
+    # the hub, with the dataset's own field names
+    return load_problems(
+        spec["hub"], question_field=spec["question"], answer_field=spec["answer"], limit=limit
+    )
+
+
+# --- trajectories and metrics -----------------------------------------------------------------
+
+
+@dataclass
+class Trajectory:
+    answer: str | None
+    score: float | None  # reward-model value of the answer step
+    correct: bool
+
+
+def trajectories(rec: dict) -> list[Trajectory]:
+    """The complete solutions a tree-file record contributes (see module docstring)."""
+    tree = Tree.from_dict(rec["tree"])
+    if rec.get("mode") == "bon":
+        ends = [n for n in tree.nodes if n.is_terminal]  # in sampling order
+        return [Trajectory(n.answer, n.value, bool(n.correct)) for n in ends]
+    best = best_answer_node(tree)
+    if best is None:
+        return [Trajectory(None, None, False)]
+    return [Trajectory(best.answer, best.value, bool(best.correct))]
+
+
+def _classes(answers: list[str | None], same: Callable[[str, str], bool]) -> list[int]:
+    """Index of each answer's equivalence class (None answers get their own class each)."""
+    reps: list[str] = []
+    out = []
+    for a in answers:
+        if a is None:
+            out.append(-1 - len(out))
+            continue
+        for i, r in enumerate(reps):
+            if a == r or same(r, a):
+                out.append(i)
+                break
+        else:
+            reps.append(a)
+            out.append(len(reps) - 1)
+    return out
+
+
+def select(trajs: list[Trajectory], top_k: int, same: Callable[[str, str], bool]) -> dict[str, bool]:
+    """Correctness of each answer-selection rule on these trajectories."""
+    if not trajs:
+        return dict.fromkeys(METRICS, False)
+    cls = _classes([t.answer for t in trajs], same)
+
+    def correct_of(c: int) -> bool:
+        return any(t.correct for t, k in zip(trajs, cls) if k == c)
+
+    def vote(idx: list[int], weight: Callable[[int], float]) -> bool:
+        tally: dict[int, float] = defaultdict(float)
+        for i in idx:
+            if trajs[i].answer is not None:
+                tally[cls[i]] += weight(i)
+        if not tally:
+            return False
+        # ties: the class that reached the top first (deterministic)
+        best = max(tally.items(), key=lambda kv: (kv[1], -min(i for i in idx if cls[i] == kv[0])))[0]
+        return correct_of(best)
+
+    score = [t.score if t.score is not None else -1.0 for t in trajs]
+    ranked = sorted(range(len(trajs)), key=lambda i: -score[i])
+    top = ranked[:top_k]
+    return {
+        "majority": vote(list(range(len(trajs))), lambda i: 1.0),
+        "best_of_n": trajs[ranked[0]].answer is not None and correct_of(cls[ranked[0]]),
+        "topk_vote": vote(top, lambda i: 1.0),
+        # scores are in [-1, 1]; shift to (0, 2] so a vote never subtracts
+        "topk_weighted": vote(top, lambda i: score[i] + 1.0 + 1e-6),
+        "pass": any(t.correct for t in trajs),
+    }
+
+
+def metrics_at_budgets(
+    per_problem: dict[str, tuple[dict, list[Trajectory]]],
+    budgets: list[int],
+    top_k: int,
+    same: Callable[[str, str], bool],
+) -> dict:
+    """{budget: {metric: accuracy, "levels": {level: {metric: accuracy}}, "n": problems}}."""
+    out = {}
+    for k in budgets:
+        totals: dict[str, Counter] = defaultdict(Counter)
+        counts: Counter = Counter()
+        for problem, trajs in per_problem.values():
+            verdict = select(trajs[:k], top_k, same)
+            for level in ("all", str(problem.get("level"))) if problem.get("level") is not None else ("all",):
+                counts[level] += 1
+                for m, ok in verdict.items():
+                    totals[level][m] += ok
+        acc = {lvl: {m: totals[lvl][m] / counts[lvl] for m in METRICS} for lvl in counts}
+        out[k] = {
+            **acc.pop("all", dict.fromkeys(METRICS, 0.0)),
+            "n": counts["all"],
+            "levels": dict(sorted(acc.items())),
+        }
+    return out
+
+
+def group_by_problem(records: Iterable[dict]) -> dict[str, tuple[dict, list[Trajectory]]]:
+    """Trajectories of each problem, independent searches in search-index order."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for rec in records:
+        by[rec["problem"]["id"]].append(rec)
+    return {
+        pid: (
+            recs[0]["problem"],
+            [t for r in sorted(recs, key=lambda r: r["search_index"]) for t in trajectories(r)],
+        )
+        for pid, recs in by.items()
+    }
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalRun:
+    """One search setting of an evaluation: a mode and the reward model it uses."""
+
+    name: str  # directory name and plot label, e.g. "mcts-ppm", "bon-ppm", "greedy"
+    mode: str
+    reward: str = ""  # reward model directory ("" = none)
+
+
+def run_eval(
+    problems: list,
+    cfg: Config,
+    runs: list[EvalRun],
+    budgets: list[int],
+    out_dir: str | Path,
+    top_k: int = 4,
+    resume: bool = False,
+    policy=None,
+    show_progress: bool = True,
+) -> dict:
+    """Run every setting on `problems` (max(budgets) trajectories each) and write
+    OUT/summary.json, OUT/results.jsonl; returns the summary."""
+    import dataclasses
+
+    from rstar.grading import Grader
+    from rstar.models import load_policy, load_reward
+    from rstar.search.run import generate, open_backends
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    k_max = max(budgets)
+    policy = policy if policy is not None else load_policy(cfg.model)
+    summary: dict = {"budgets": budgets, "top_k": top_k, "runs": {}}
+    results_path = out / "results.jsonl"
+    results_path.write_text("")
+    with Grader(timeout_s=cfg.scheduler.grading_timeout_s) as grader:
+        cache: dict[tuple[str, str], bool] = {}
+
+        def same(a: str, b: str) -> bool:
+            if (a, b) not in cache:
+                cache[(a, b)] = cache[(b, a)] = grader.grade(a, b)
+            return cache[(a, b)]
+
+        for run in runs:
+            search = dataclasses.replace(
+                cfg.search, mode=run.mode, trajectories=1 if run.mode == "greedy" else k_max
+            )
+            if run.mode in ("mcts",):
+                search = dataclasses.replace(search, terminal_guided=False)
+            model = dataclasses.replace(cfg.model, ppm=run.reward)
+            rcfg = dataclasses.replace(cfg, search=search, model=model)
+            reward = load_reward(model) if run.reward else None
+            with open_backends(rcfg, policy=policy, reward=reward) as backends:
+                generate(
+                    problems,
+                    rcfg,
+                    out / run.name,
+                    resume=resume,
+                    backends=backends,
+                    show_progress=show_progress,
+                    description=f"eval {run.name}",
+                )
+            per_problem = group_by_problem(iter_records(out / run.name / "trees.jsonl"))
+            run_budgets = [1] if run.mode == "greedy" else budgets
+            summary["runs"][run.name] = {
+                "mode": run.mode,
+                "reward": run.reward,
+                "metrics": metrics_at_budgets(per_problem, run_budgets, top_k, same),
+            }
+            with open(results_path, "a") as f:
+                for pid, (problem, trajs) in per_problem.items():
+                    row = {
+                        "run": run.name,
+                        "problem_id": pid,
+                        "level": problem.get("level"),
+                        "gold": problem.get("answer"),
+                        "trajectories": [dataclasses.asdict(t) for t in trajs],
+                        "selected": select(trajs[:k_max], top_k, same),
+                    }
+                    f.write(json.dumps(row) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+
+def scaling_plot(
+    summary: dict, path: str | Path, metric_for: dict[str, str] | None = None, title: str = ""
+) -> Path:
+    """Accuracy against trajectories per run (the paper's Figure 3), on shared axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric_for = metric_for or {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, run in summary["runs"].items():
+        ks = sorted(int(k) for k in run["metrics"])
+        metric = metric_for.get(name, "topk_vote" if run["mode"] in ("mcts", "beam") else "best_of_n")
+        ys = [100 * run["metrics"][k if k in run["metrics"] else str(k)][metric] for k in ks]
+        if len(ks) == 1:
+            ax.axhline(ys[0], linestyle="--", color="gray", label=f"{name} ({metric})")
+        else:
+            ax.plot(ks, ys, marker="o", label=f"{name} ({metric})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("trajectories per problem")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "test-time scaling")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def summary_table(summary: dict, budget: int | None = None) -> str:
+    """A Markdown table: one row per run, the metrics at `budget` (default: the largest)."""
+    rows = ["| run | mode | reward | k | " + " | ".join(METRICS) + " |", "|" + " --- |" * (4 + len(METRICS))]
+    for name, run in summary["runs"].items():
+        ks = sorted(int(k) for k in run["metrics"])
+        k = budget if budget in ks else ks[-1]
+        m = run["metrics"][k if k in run["metrics"] else str(k)]
+        reward = Path(run["reward"]).name if run["reward"] else "-"
+        rows.append(
+            f"| {name} | {run['mode']} | {reward} | {k} | "
+            + " | ".join(f"{100 * m[x]:.1f}" for x in METRICS)
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--benchmark", required=True, help=f"a name ({', '.join(['world', *BENCHMARKS])}) or a problem file"
+    )
+    parser.add_argument("--policy", required=True, help="policy model (HF directory or hub name)")
+    parser.add_argument("--ppm", default="", help="reward model directory used by mcts/beam/bon")
+    parser.add_argument("--mode", default="mcts", help="comma-separated modes: mcts,beam,bon,greedy")
+    parser.add_argument(
+        "--trajectories", default="1,4,16,64", help="budgets, comma-separated (one run serves all)"
+    )
+    parser.add_argument("--top-k", type=int, default=4, help="trajectories in the paper's final vote (4-8)")
+    parser.add_argument(
+        "--ablation",
+        default="",
+        metavar="NAME=DIR,...",
+        help="reward models to compare with mcts (e.g. ppm=DIR,pqm=DIR,orm=DIR): the paper's Table 8",
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--limit", type=int, help="only the first N problems")
+    parser.add_argument("--data-dir", help="directory of local benchmark files (also $RSTAR_DATA_DIR)")
+    add_config_arguments(parser, default_preset="eval")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from rstar.config import config_from_args
+
+    args.overrides = [f"model.policy={json.dumps(args.policy)}", *args.overrides]
+    cfg = config_from_args(args)
+    budgets = sorted({int(x) for x in args.trajectories.split(",") if x.strip()})
+    if not budgets or budgets[0] < 1:
+        raise RstarError(f"--trajectories {args.trajectories!r}: expected positive integers like 1,4,16")
+    runs = []
+    for mode in [m.strip() for m in args.mode.split(",") if m.strip()]:
+        if mode not in ("mcts", "beam", "bon", "greedy"):
+            raise RstarError(f"--mode: unknown mode {mode!r} (mcts, beam, bon, greedy)")
+        reward = "" if mode == "greedy" else args.ppm
+        runs.append(EvalRun(name=f"{mode}-ppm" if reward else mode, mode=mode, reward=reward))
+    for item in [a for a in args.ablation.split(",") if a.strip()]:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise RstarError(f"--ablation {item!r}: expected NAME=DIR")
+        runs.append(EvalRun(name=f"mcts-{name.strip()}", mode="mcts", reward=path.strip()))
+    problems = load_benchmark(args.benchmark, args.data_dir, args.limit)
+    summary = run_eval(problems, cfg, runs, budgets, args.out, top_k=args.top_k, resume=args.resume)
+    scaling_plot(summary, Path(args.out) / "scaling.png", title=f"{args.benchmark}")
+    table = summary_table(summary)
+    (Path(args.out) / "summary.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {args.out}/summary.json, results.jsonl, scaling.png")
+    return 0

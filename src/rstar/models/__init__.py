@@ -1,0 +1,45 @@
+"""Policy and reward backends behind two small interfaces (see `base`).
+
+Backends are imported lazily: `rstar.models.hf` pulls in torch and transformers, vLLM is an
+install extra, and the OpenAI-compatible client needs neither.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rstar import RstarError
+from rstar.models.base import Completion, GenRequest, Policy, RewardModel
+
+if TYPE_CHECKING:
+    from rstar.config import ModelConfig
+
+__all__ = ["Completion", "GenRequest", "Policy", "RewardModel", "load_policy", "load_reward"]
+
+
+def load_policy(cfg: ModelConfig) -> Policy:
+    if not cfg.policy:
+        raise RstarError(
+            "no policy given: pass --policy MODEL (an HF directory or hub name) or set model.policy"
+        )
+    if cfg.backend == "hf":
+        from rstar.models.hf import HFPolicy
+
+        return HFPolicy(cfg.policy, device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size)
+    if cfg.backend == "vllm":
+        from rstar.models.vllm import VLLMPolicy
+
+        return VLLMPolicy(cfg.policy, dtype=cfg.dtype)
+    if cfg.backend == "openai":
+        from rstar.models.openai import OpenAIPolicy
+
+        return OpenAIPolicy(cfg.policy)
+    raise RstarError(f"model.backend={cfg.backend!r}: expected hf | vllm | openai")
+
+
+def load_reward(cfg: ModelConfig) -> RewardModel | None:
+    if not cfg.ppm:
+        return None
+    from rstar.models.ppm import load_reward_model
+
+    return load_reward_model(cfg.ppm, device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size)

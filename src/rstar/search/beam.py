@@ -1,0 +1,25 @@
+"""Step-level beam search with the reward model (paper section 4, the cheaper alternative).
+
+Each step, every open trajectory in the beam is expanded with n samples; all new steps are
+scored by the reward model and the best `beam_width` open ones form the next beam. Each
+child is attached to the node it was generated from (the authors' implementation can attach
+steps to the wrong parent; here the parent is the node whose prefix was the prompt).
+"""
+
+from __future__ import annotations
+
+from rstar.search.expand import Search, SearchContext, expand, samples_for
+
+
+def beam_search(ctx: SearchContext) -> Search:
+    cfg = ctx.cfg
+    tree = ctx.new_tree()
+    beam = [tree.root]
+    finished = 0
+    while beam and finished < cfg.beam_width:
+        new = yield from expand(tree, ctx, beam, [samples_for(n, cfg) for n in beam], score=True)
+        finished += sum(1 for ch in new if ch.is_terminal)
+        open_ = [ch for ch in new if not ch.is_terminal]
+        open_.sort(key=lambda ch: ch.value, reverse=True)
+        beam = open_[: cfg.beam_width]
+    return tree

@@ -1,0 +1,81 @@
+"""A scripted policy and reward model for search tests: the right answer is known.
+
+Questions are "What is A + B?". At the first step the policy proposes adding (right),
+subtracting (wrong) or using an undefined name (a code error); then it prints x; then it
+copies the executor's output into \\boxed{}. Greedy decoding (temperature 0) takes the
+*wrong* first candidate, so search has something to win. The reward model prefers steps that
+add and answers equal to A + B. Every prompt the policy sees is recorded, so tests can check
+which prefix each step was generated from.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+
+from rstar.models.base import Completion, GenRequest
+
+FIRST_STEPS = [
+    "<code>\n# Step 1: subtract the numbers\nx = {a} - {b}\n<end_of_step>",
+    "<code>\n# Step 1: add the numbers\nx = {a} + {b}\n<end_of_step>",
+    "<code>\n# Step 1: use a helper\nx = {a} + undefined_helper({b})\n<end_of_step>",
+]
+PRINT_STEP = "\n\n# Now print the final answer\nprint(x)\n<end_of_code>"
+ANSWER_STEP = "\n<answer>The answer is \\boxed{{{out}}}.<end_of_answer>"
+
+
+def numbers(text: str) -> tuple[int, int]:
+    a, b = re.search(r"What is (\d+) \+ (\d+)\?", text).groups()
+    return int(a), int(b)
+
+
+class ScriptedPolicy:
+    def __init__(self, delay_s: float = 0.0):
+        self.calls: list[list[GenRequest]] = []
+        self.delay_s = delay_s
+
+    def _next_steps(self, prompt: str) -> list[str]:
+        a, b = numbers(prompt)
+        tail = prompt.rsplit("Let's think step by step and solve the problem with code.", 1)[1]
+        if "<end_of_output>" in tail:
+            out = re.findall(r"<output>(.*?)<end_of_output>", tail, re.S)[-1].strip()
+            return [ANSWER_STEP.format(out=out)]
+        if "<end_of_step>" in tail:
+            return [PRINT_STEP]
+        return [s.format(a=a, b=b) for s in FIRST_STEPS]
+
+    def generate(self, requests: list[GenRequest]) -> list[list[Completion]]:
+        self.calls.append(list(requests))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        out = []
+        for r in requests:
+            options = self._next_steps(r.prompt)
+            # Sampling cycles through the options from a seeded offset: n >= 3 samples always
+            # cover the right step, so tests do not hinge on one seed's luck.
+            start = random.Random(r.seed).randrange(len(options))
+            picks = [options[0]] * r.n if r.temperature == 0 else [options[(start + i) % len(options)] for i in range(r.n)]
+            out.append([Completion(text=t, stop_reason="stop", n_tokens=len(t) // 4) for t in picks])
+        return out
+
+
+class ScriptedReward:
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, prefixes: list[str], steps: list[str]) -> list[float]:
+        self.calls += 1
+        values = []
+        for prefix, step in zip(prefixes, steps):
+            a, b = numbers(prefix)
+            if "\\boxed{" in step:
+                got = re.search(r"\\boxed\{(.*?)\}", step).group(1)
+                values.append(0.9 if got == str(a + b) else -0.9)
+            elif "undefined_helper" in step:
+                values.append(-0.5)
+            elif f"{a} + {b}" in step or f"{a} + {b}" in prefix:
+                values.append(0.6)
+            else:
+                values.append(-0.6)
+        return values

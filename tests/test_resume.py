@@ -1,0 +1,43 @@
+"""Kill -9 a real `generate` process mid-run, resume it, and find every search exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent / "generate_scripted.py"
+
+
+def keys(path: Path) -> list[str]:
+    return [json.loads(line)["key"] for line in path.read_bytes().split(b"\n")[:-1] if line.strip()]
+
+
+def test_kill_9_then_resume_loses_nothing_and_repeats_nothing(tmp_path):
+    out = tmp_path / "run"
+    trees = out / "trees.jsonl"
+    n = 12
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(n)])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if trees.exists() and len(keys(trees)) >= 3:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = keys(trees)
+    assert 3 <= len(done_before) < n, "kill -9 should land mid-run"
+
+    subprocess.run([sys.executable, str(SCRIPT), str(out), str(n), "--resume"], check=True, timeout=300)
+    after = keys(trees)
+    assert sorted(after) == sorted(f"add:{i}#0" for i in range(n))  # every search exactly once
+    assert after[: len(done_before)] == done_before  # what was written before the kill is kept
+    assert trees.read_bytes().endswith(b"\n")
