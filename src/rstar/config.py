@@ -123,7 +123,9 @@ class TrainConfig:
     epochs: float = _f(2.0, "passes over the data")
     batch_size: int = _f(128, "global batch: sequences (SFT) or pairs (PPM) per optimizer step")
     micro_batch_size: int = _f(8, "per-device batch; gradient accumulation makes up the global batch")
-    max_length: int = _f(2048, "token limit; reward-model inputs are cut from the left so the scored step stays whole")
+    max_length: int = _f(
+        2048, "token limit; reward-model inputs are cut from the left so the scored step stays whole"
+    )
     warmup_ratio: float = _f(0.03, "share of steps with linear warmup")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     eval_fraction: float = _f(0.05, "share of the data held out for evaluation (PPM: pairwise accuracy)")
@@ -254,25 +256,27 @@ def load_config(
     return from_dict(cls, data)
 
 
-def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build a (nested) config dataclass from a mapping, with errors that name the field."""
+def from_dict(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
+    """Build a (nested) config dataclass from a mapping, with errors that name the field.
+
+    Fields not in `data` keep their value in `base` (default: the dataclass's defaults, so a
+    section with its own defaults, like `ppm`, keeps them when one of its fields is set)."""
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(
-            f"unknown config field(s) {sorted(where + k for k in unknown)}; known: {sorted(names)}"
-        )
+        raise ConfigError(f"unknown config field(s) {sorted(where + k for k in unknown)}; known: {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{name}: expected a mapping, got {value!r}")
-            kwargs[name] = from_dict(tp, value, f"{where}{name}.")
+            kwargs[name] = from_dict(tp, value, f"{where}{name}.", base=getattr(base, name))
         else:
             kwargs[name] = _coerce(tp, value, f"{where}{name}")
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:

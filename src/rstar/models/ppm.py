@@ -1,0 +1,260 @@
+"""The process preference model (paper section 3.3) and its two ablation baselines, as reward models.
+
+What a reward model is here. The fine-tuned policy with its LM head replaced by a scalar
+value head: `AutoModelForSequenceClassification` with `num_labels=1` (for Qwen2 that is
+`Qwen2ForSequenceClassification`, a bias-free linear `score` head read at the last non-pad
+token), followed by tanh, so values lie in [-1, 1] like the Q values of the search tree. The
+three kinds share the architecture, the input format and the scoring code; they differ only in
+what they were trained on and with which loss (`rstar.training.reward`):
+
+- "ppm": step-level preference pairs, Bradley-Terry loss (the paper's PPM);
+- "orm": whole-solution preference pairs, same loss (outcome reward model baseline);
+- "pqm": pointwise regression of each step's Q value, MSE loss (Q-value baseline).
+
+Input format. A step is scored as the text `prefix + step`, concatenated exactly (the prefix
+is the prompt and the earlier steps; the step text carries its own tags), the same text the
+training pairs give as `prompt + pos`. Texts longer than the model's limit are cut from the
+LEFT, so the step at the end, and the last token the head reads, are never cut.
+
+Invariants that keep training and scoring the same function:
+- `encode` is the one tokenizer call, used by training and scoring alike;
+- `VALUE_ACTIVATION` (tanh) is applied by `values_from_logits`, used by the training losses
+  and by `HFRewardModel.score`. (The authors' code trains on the raw head output and scores
+  with tanh(raw / 5), their issue #12: a model that ranks well on raw values but whose tanh'd
+  values cluster near 0 or +-1. Here both sides apply the same tanh.)
+- sequences are right padded, so every real token keeps its position and attention, and the
+  head reads the last real token (transformers finds it as the rightmost id != pad_token_id,
+  so a text must not end with the pad token; step texts end with a tag).
+
+Self-describing checkpoints. The value transform, the kind and the training length limit are
+recorded in the model config (`config.rstar_reward`), and the head is an ordinary weight of the
+same safetensors file: a saved directory loads with `from_pretrained` alone, with no side file
+(the authors' separate `value_head.bin`) that can go missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rstar import RstarError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+REWARD_KINDS = ("ppm", "orm", "pqm")
+CONFIG_KEY = "rstar_reward"  # the model-config attribute that marks a reward-model directory
+VALUE_ACTIVATION = "tanh"
+DEFAULT_MAX_LENGTH = 2048
+
+
+def values_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The reward value of each sequence: tanh of the head's raw output, in float32.
+
+    logits: (B, 1) from the sequence-classification head -> (B,) values in [-1, 1]. Training
+    losses and scoring both call this, so the two never disagree about the transform.
+    """
+    return torch.tanh(logits.float().squeeze(-1))
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[int]:
+    """Token ids of `text`, cut from the left to at most `max_length` ids.
+
+    The end of the text is the step being scored, so the cut falls on the oldest context.
+    A leading BOS (for tokenizers that add one; Qwen's does not) is kept in front. If the
+    step alone is longer than `max_length`, its own beginning is cut too: the last tokens,
+    which the value head reads, always stay.
+    """
+    # verbose=False: a long text is expected here (it is cut below), not an indexing error.
+    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    if len(ids) <= max_length:
+        return ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[0] == bos:
+        return [bos] + ids[len(ids) - (max_length - 1) :]
+    return ids[len(ids) - max_length :]
+
+
+def pad_right(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T) with T the longest row, padded on the right.
+
+    Right padding leaves each row's real tokens at positions 0..n-1, exactly as when the row
+    is scored alone (left padding would shift the positions of a model called without
+    position_ids), so a value does not depend on what it was batched with.
+    """
+    T = max(len(x) for x in batch)
+    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, x in enumerate(batch):
+        input_ids[i, : len(x)] = torch.tensor(list(x), dtype=torch.long)
+        attention_mask[i, : len(x)] = 1
+    return input_ids, attention_mask
+
+
+def reward_info(config: Any) -> dict | None:
+    """The `rstar_reward` record of a model config, or None if the model is not a reward model."""
+    info = getattr(config, CONFIG_KEY, None)
+    return dict(info) if isinstance(info, dict) else None
+
+
+def init_reward_model(
+    policy: str | Path,
+    kind: str = "ppm",
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A fresh reward model initialised from a fine-tuned policy directory, and its tokenizer.
+
+    The backbone weights come from the policy (the paper initialises the PPM from the SFT
+    policy); the policy's LM head is dropped and a scalar `score` head is added. The head is
+    zero-initialised: every value starts at tanh(0) = 0, where tanh has its full slope. A
+    random head on a 7B model's hidden states (which carry large outlier features) can start
+    saturated, with tanh's gradient near 0.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if kind not in REWARD_KINDS:
+        raise RstarError(f"reward model kind {kind!r}: expected one of {', '.join(REWARD_KINDS)}")
+    tokenizer = AutoTokenizer.from_pretrained(str(policy))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with _quiet_head_swap():
+        model = AutoModelForSequenceClassification.from_pretrained(str(policy), num_labels=1, dtype=dtype)
+    with torch.no_grad():
+        model.score.weight.zero_()
+        if getattr(model.score, "bias", None) is not None:
+            model.score.bias.zero_()
+    # Sequence-classification models locate the last real token through pad_token_id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    setattr(
+        model.config,
+        CONFIG_KEY,
+        {"kind": kind, "activation": VALUE_ACTIVATION, "max_length": int(max_length)},
+    )
+    return model, tokenizer
+
+
+def _quiet_head_swap() -> Any:
+    """Silence the expected 'score.weight missing / lm_head.weight unexpected' load report when
+    a causal-LM checkpoint is loaded as a sequence classifier (TRL's helper, when present)."""
+    import contextlib
+
+    try:
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+    except ImportError:  # an older or newer TRL without it: the report is only noise
+        return contextlib.nullcontext()
+    return suppress_seqcls_warning()
+
+
+class HFRewardModel:
+    """A `RewardModel` (see `rstar.models.base`): PPM, ORM or PQM, all scored the same way.
+
+    Args:
+        model: a reward-model directory written by `rstar train ppm` (its config carries
+            `rstar_reward`), or a loaded sequence-classification model (then `tokenizer` is
+            required), e.g. one fresh out of training.
+        tokenizer: the tokenizer, when `model` is an object.
+        device: "auto" (cuda if available, else cpu) or a torch device string.
+        dtype: "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16" or "float16".
+        max_batch_size: most sequences per forward pass.
+        max_length: token limit of a scored text (default: the limit it was trained with).
+
+    `score` sorts texts by length so that a batch carries little padding, and returns the
+    values in input order. Counters: `calls`, `texts_scored`, `tokens_scored`, `model_seconds`.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | PreTrainedModel,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 64,
+        max_length: int | None = None,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        from rstar.models.hf import resolve_device, resolve_dtype
+
+        if isinstance(model, (str, Path)):
+            path = Path(model)
+            if not (path / "config.json").exists():
+                raise RstarError(f"{path}: not a model directory (no config.json)")
+            info = reward_info(AutoConfig.from_pretrained(str(path)))
+            if info is None:
+                raise RstarError(
+                    f"{path}: not a reward-model directory (its config.json has no {CONFIG_KEY!r}); "
+                    "train one with `rstar train ppm DATA --model SFT_DIR --out DIR`"
+                )
+            self.device = resolve_device(device)
+            self.dtype = resolve_dtype(dtype, self.device)
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path))
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), dtype=self.dtype, device_map=str(self.device)
+            )
+        else:
+            if tokenizer is None:
+                raise ValueError("HFRewardModel(model=<PreTrainedModel>) needs tokenizer=")
+            info = reward_info(model.config)
+            if info is None:
+                raise ValueError(f"the model's config has no {CONFIG_KEY!r}: build it with init_reward_model")
+            self.device = model.device if device == "auto" else resolve_device(device)
+            self.dtype = model.dtype if dtype == "auto" else resolve_dtype(dtype, self.device)
+            self.tokenizer = tokenizer
+            self.model = model.to(device=self.device, dtype=self.dtype)
+        if info.get("activation", VALUE_ACTIVATION) != VALUE_ACTIVATION:
+            raise RstarError(f"reward model activation {info.get('activation')!r}: only 'tanh' is supported")
+        self.kind: str = info.get("kind", "ppm")
+        self.max_length = int(max_length or info.get("max_length") or DEFAULT_MAX_LENGTH)
+        self.max_batch_size = max_batch_size
+        self.model.eval()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pad_id: int = self.tokenizer.pad_token_id
+        self.model.config.pad_token_id = self.pad_id
+        self.calls = 0
+        self.texts_scored = 0
+        self.tokens_scored = 0
+        self.model_seconds = 0.0
+
+    def score(self, prefixes: list[str], steps: list[str]) -> list[float]:
+        """Value in [-1, 1] of each step given its prefix (prompt + earlier steps)."""
+        if len(prefixes) != len(steps):
+            raise ValueError(f"score: {len(prefixes)} prefixes but {len(steps)} steps")
+        return self.score_texts([p + s for p, s in zip(prefixes, steps)])
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        """Value in [-1, 1] of each whole text (its last token is the one the head reads)."""
+        self.calls += 1
+        if not texts:
+            return []
+        ids = [encode(self.tokenizer, t, self.max_length) for t in texts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        out = [0.0] * len(ids)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, len(order), self.max_batch_size):
+                rows = order[start : start + self.max_batch_size]
+                input_ids, attention_mask = pad_right([ids[i] for i in rows], self.pad_id)  # (B, T) each
+                logits = self.model(
+                    input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+                ).logits  # (B, 1)
+                for i, v in zip(rows, values_from_logits(logits).tolist()):
+                    out[i] = v
+                self.tokens_scored += int(attention_mask.sum())
+        self.model_seconds += time.perf_counter() - t0
+        self.texts_scored += len(texts)
+        return out
+
+
+def load_reward_model(
+    path: str | Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 64
+) -> HFRewardModel:
+    """Load a PPM, ORM or PQM directory (what `rstar.models.load_reward` calls)."""
+    return HFRewardModel(path, device=device, dtype=dtype, max_batch_size=max_batch_size)

@@ -1,0 +1,273 @@
+"""Reward-model training (paper section 3.3): the PPM, and the ORM and PQM baselines of Table 8.
+
+All three start from the SFT policy with a scalar value head (`rstar.models.ppm`), and all
+three read their values through the same tanh the search scores with.
+
+- PPM ("ppm"): step-level preference pairs `{"prompt", "pos", "neg"}` (the authors' format;
+  `pos_count`/`neg_count` are ignored). Inputs `prompt + pos` and `prompt + neg` share the
+  prefix and differ in the last step. Bradley-Terry loss on the tanh'd values,
+  `L = -mean log sigmoid(tanh(r+) - tanh(r-))`: the paper's `-1/(2*2) E[...]` over the 2x2
+  pairs of a prefix is exactly the mean over those pairs, so each pair is one record.
+  tanh bounds the margin to [-2, 2], so the loss cannot reach 0 (its floor is
+  -log sigmoid(2) = 0.127): the price of training the function that is scored. The authors
+  train on raw values and score tanh(raw / 5) (their issue #12); we do not.
+- ORM ("orm"): the same loss on whole-solution pairs (pos/neg end with `<end_of_answer>`).
+- PQM ("pqm"): `{"prompt", "step", "q"}` records, MSE between tanh(raw) and the step's Q.
+
+TRL's RewardTrainer does the pairwise training; only its `compute_loss` is replaced, to put
+the tanh in. The examples are handed to it tokenized by `rstar.models.ppm.encode` (cut from
+the left), so TRL neither appends an EOS nor drops long pairs, and the head reads the same
+last token in training as in scoring. The PQM runs on the plain HF Trainer with a small
+`compute_loss`.
+
+Held-out evaluation: whole problems are held out (`TrainConfig.eval_fraction`). For pairs
+the headline number is `heldout_accuracy`, the share of held-out pairs with
+value(pos) > value(neg); for the PQM, `eval_mse`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+from trl import RewardConfig, RewardTrainer
+
+from rstar import RstarError, steps
+from rstar.models.ppm import REWARD_KINDS, encode, init_reward_model, pad_right, values_from_logits
+from rstar.training import (
+    Records,
+    load_records,
+    problem_key,
+    split_held_out,
+    trainer_arguments,
+    write_metrics,
+)
+
+if TYPE_CHECKING:
+    from transformers import EvalPrediction, PreTrainedTokenizerBase
+
+    from rstar.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+PAIR_FIELDS = {"prompt": "str", "pos": "str", "neg": "str"}
+PQM_FIELDS = {"prompt": "str", "step": "str", "q": "number"}
+
+
+# --- losses ------------------------------------------------------------------------------
+
+
+class PairwiseRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer with the Bradley-Terry loss taken on tanh'd values.
+
+    The batch holds the B chosen sequences followed by the B rejected ones (TRL's
+    `DataCollatorForPreference`). Outputs for evaluation are the (B, 2) values
+    [value(pos), value(neg)], so `predict`/`evaluate` see one row per pair.
+    """
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        ).logits  # (2B, 1)
+        pos, neg = values_from_logits(logits).chunk(2)  # (B,), (B,)
+        loss = -F.logsigmoid(pos - neg).mean()
+        if self.args.center_rewards_coefficient:
+            loss = loss + self.args.center_rewards_coefficient * ((pos + neg) ** 2).mean()
+        mode = "train" if model.training else "eval"
+        with torch.no_grad():
+            acc = self.accelerator.gather_for_metrics((pos > neg).float().mean()).mean()
+            margin = self.accelerator.gather_for_metrics((pos - neg).mean()).mean()
+            self._metrics[mode]["accuracy"].append(acc.item())
+            self._metrics[mode]["margin"].append(margin.item())
+        if return_outputs:
+            return loss, {"values": torch.stack([pos, neg], dim=1)}  # (B, 2)
+        return loss
+
+
+class ValueRegressionTrainer(Trainer):
+    """HF Trainer for the PQM: MSE between tanh(raw) and each step's Q (the `labels`)."""
+
+    # The loss below is a mean over the micro batch: let the Trainer divide it for gradient
+    # accumulation (transformers >= 5.19 reads this; older versions read the attribute that
+    # __init__ sets below).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        q = inputs["labels"].float()  # (B,)
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        ).logits  # (B, 1)
+        values = values_from_logits(logits)  # (B,)
+        loss = F.mse_loss(values, q)
+        return (loss, {"values": values}) if return_outputs else loss
+
+
+class _PadValueBatch:
+    """Collator for PQM examples: right-padded ids and mask, float Q labels."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], self.pad_id)  # (B, T)
+        labels = torch.tensor([float(e["labels"]) for e in examples], dtype=torch.float32)  # (B,)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _pairwise_accuracy(pred: EvalPrediction) -> dict[str, float]:
+    values = np.asarray(pred.predictions)  # (N, 2): [value(pos), value(neg)]
+    return {"pairwise_accuracy": float(np.mean(values[:, 0] > values[:, 1]))}
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def _whole_solution(rec: dict) -> str | None:
+    """Why an ORM pair is not a whole-solution pair, or None if it is.
+
+    Only the positive can be checked: a correct solution ends with its answer. A negative may
+    end anywhere a trajectory can end (a wrong answer, a failed program, the depth or token
+    limit: `rstar extract orm --invalid-negatives`). This catches the likely mistake, step
+    pairs fed to the ORM, not every malformed pair.
+    """
+    if not rec["pos"].rstrip().endswith(steps.END_OF_ANSWER):
+        return (
+            f"field 'pos' is not a whole solution (it does not end with {steps.END_OF_ANSWER}); "
+            "an ORM trains on whole-solution pairs"
+        )
+    return None
+
+
+def _pair_dataset(recs: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    return Dataset.from_list(
+        [
+            {
+                "chosen_ids": encode(tokenizer, r["prompt"] + r["pos"], max_length),
+                "rejected_ids": encode(tokenizer, r["prompt"] + r["neg"], max_length),
+            }
+            for r in recs
+        ]
+    )
+
+
+def _value_dataset(recs: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    return Dataset.from_list(
+        [
+            {"input_ids": encode(tokenizer, r["prompt"] + r["step"], max_length), "labels": float(r["q"])}
+            for r in recs
+        ]
+    )
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+def train_reward(
+    data: Records,
+    base_model: str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    kind: str = "ppm",
+    *,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train a reward model of `kind` ("ppm", "orm" or "pqm") from the SFT policy `base_model`.
+
+    `data`: a list of records or a JSON/JSONL file of them (pairs for ppm/orm, `{"prompt",
+    "step", "q"}` for pqm). `max_steps`, if given, stops after that many optimizer steps.
+    Saves one HF directory to `out_dir` (loadable by `rstar.models.ppm.load_reward_model`) and
+    returns the metrics, also written to `out_dir/metrics.json`.
+    """
+    if kind not in REWARD_KINDS:
+        raise RstarError(f"--kind {kind!r}: expected one of {', '.join(REWARD_KINDS)}")
+    if kind == "pqm":
+        records = load_records(data, PQM_FIELDS, what="PQM data")
+        for r in records:
+            if not -1.0 <= r["q"] <= 1.0:
+                log.warning("a Q value outside [-1, 1] (%s): tanh cannot reach it", r["q"])
+                break
+    else:
+        check = _whole_solution if kind == "orm" else None
+        records = load_records(data, PAIR_FIELDS, what="pair data", check=check)
+    train_recs, eval_recs = split_held_out(
+        records, cfg.eval_fraction, cfg.seed, key=lambda r: problem_key(r["prompt"])
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = init_reward_model(base_model, kind, max_length=cfg.max_length)
+    targs = trainer_arguments(cfg, out, max_steps=max_steps, has_eval=bool(eval_recs))
+    if kind == "pqm":
+        train_ds = _value_dataset(train_recs, tokenizer, cfg.max_length)
+        eval_ds = _value_dataset(eval_recs, tokenizer, cfg.max_length) if eval_recs else None
+        trainer: Trainer = ValueRegressionTrainer(
+            model=model,
+            args=TrainingArguments(**targs, remove_unused_columns=False),
+            data_collator=_PadValueBatch(tokenizer.pad_token_id),
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+        )
+        n_tokens = sum(len(x) for x in train_ds["input_ids"])
+    else:
+        train_ds = _pair_dataset(train_recs, tokenizer, cfg.max_length)
+        eval_ds = _pair_dataset(eval_recs, tokenizer, cfg.max_length) if eval_recs else None
+        trainer = PairwiseRewardTrainer(
+            model=model,
+            # max_length only filters in TRL; our inputs are already cut to it, so none is dropped.
+            args=RewardConfig(**targs, max_length=cfg.max_length),
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            compute_metrics=_pairwise_accuracy,
+        )
+        n_tokens = sum(len(x) for col in ("chosen_ids", "rejected_ids") for x in train_ds[col])
+
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    metrics: dict[str, Any] = {
+        "kind": kind,
+        "train_loss": result.training_loss,
+        "train_records": len(train_recs),
+        "eval_records": len(eval_recs),
+        "steps": trainer.state.global_step,
+        "train_seconds": seconds,
+        "train_tokens_per_second": n_tokens * (trainer.state.epoch or 0.0) / max(seconds, 1e-9),
+    }
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        if kind == "pqm":
+            metrics["eval_mse"] = ev["eval_loss"]
+        else:
+            metrics["eval_loss"] = ev["eval_loss"]
+            metrics["heldout_accuracy"] = ev["eval_pairwise_accuracy"]
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+        write_metrics(out, metrics)
+    return metrics

@@ -1,0 +1,170 @@
+"""Policy SFT (paper section 3.3): fine-tune the policy on its best search trajectories.
+
+Data: the authors' `{"query", "response"}` records (JSON array or JSONL). One training
+example is `steps.sft_prompt(query) + response`, with the loss on the response tokens only.
+
+Three details decide whether the trained policy behaves at inference as it did in training:
+- The prompt is tokenized alone, exactly as the search backends tokenize it before they
+  generate, and the response after it; so the model learns from precisely the ids it will be
+  continuing. (The authors' train/inference prompts differ by a newline; ours do not.)
+- The example ends where the response ends, with `<end_of_answer>`: no EOS and no chat
+  template is appended (TRL's SFTTrainer would append EOS to raw text; we hand it token ids,
+  which it takes as they are). Generation stops at the step tags, never at an EOS.
+- The step tags must each be one token. Real base models (Qwen2.5-Math-7B) spell
+  `<end_of_step>` with several BPE tokens, so the missing tags are added to the tokenizer and
+  the embeddings grown to match (new rows start at the mean of the old ones, transformers'
+  `mean_resizing`). They are added as non-special tokens: they are content, and backends that
+  decode with `skip_special_tokens=True` (vLLM's default) must keep them in the text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rstar import steps
+from rstar.training import (
+    Records,
+    load_records,
+    problem_key,
+    split_held_out,
+    trainer_arguments,
+    write_metrics,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rstar.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+SFT_FIELDS = {"query": "str", "response": "str"}
+
+
+def add_step_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[str]:
+    """Make every step tag one token; grow the model's embeddings if the vocabulary grew.
+
+    Returns the tags that were added ([] for a tokenizer that already has them, like the
+    tiny one). The embedding matrix only ever grows: checkpoints such as Qwen2.5 carry spare
+    rows beyond the tokenizer's length, and shrinking to `len(tokenizer)` would drop them.
+    """
+    from tokenizers import AddedToken
+
+    def is_one_token(tag: str) -> bool:
+        ids = tokenizer.encode(tag, add_special_tokens=False)
+        return len(ids) == 1 and tokenizer.decode(ids) == tag
+
+    missing = [t for t in steps.STEP_TAGS if not is_one_token(t)]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return missing
+
+
+def tokenize_example(tokenizer: PreTrainedTokenizerBase, query: str, response: str) -> dict[str, list[int]]:
+    """`input_ids` = prompt ids + response ids; `completion_mask` = 0 on the prompt, 1 on the
+    response (TRL turns it into labels of -100 on the prompt)."""
+    prompt_ids = tokenizer(steps.sft_prompt(query), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "completion_mask": [0] * len(prompt_ids) + [1] * len(response_ids),
+    }
+
+
+def build_sft_trainer(
+    train_recs: list[dict],
+    eval_recs: list[dict],
+    base_model: str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    max_steps: int | None = None,
+) -> tuple[Any, PreTrainedTokenizerBase, list[str]]:
+    """(SFTTrainer, tokenizer, added step tags), ready to train; `train_sft` runs it. Separate
+    so that tests can inspect exactly what the trainer will see (its labels, its tokenizer)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    # fp32 master weights; bf16 (where enabled) is autocast by the Trainer.
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    added = add_step_tokens(tokenizer, model)
+    if added:
+        log.info("added %d step tags to the tokenizer: %s", len(added), " ".join(added))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def dataset(recs: list[dict]) -> Dataset:
+        return Dataset.from_list([tokenize_example(tokenizer, r["query"], r["response"]) for r in recs])
+
+    eval_ds = dataset(eval_recs) if eval_recs else None
+    args = SFTConfig(
+        **trainer_arguments(cfg, out_dir, max_steps=max_steps, has_eval=eval_ds is not None),
+        max_length=cfg.max_length,  # longer examples keep their start (TRL's only truncation mode)
+        completion_only_loss=True,
+        packing=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset(train_recs),
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+    )
+    return trainer, tokenizer, added
+
+
+def train_sft(
+    data: Records,
+    base_model: str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `base_model` on SFT records; save an HF policy directory to `out_dir`.
+
+    `data` is a list of `{"query", "response"}` records or a JSON/JSONL file of them. A share
+    `cfg.eval_fraction` of the problems is held out for the loss reported as `eval_loss`.
+    `max_steps`, if given, stops after that many optimizer steps (smoke runs and tests).
+    Returns the metrics, also written to `out_dir/metrics.json`. The directory loads with
+    `HFPolicy(out_dir)`.
+    """
+    records = load_records(data, SFT_FIELDS, what="SFT data")
+    train_recs, eval_recs = split_held_out(
+        records, cfg.eval_fraction, cfg.seed, key=lambda r: problem_key(r["query"])
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, tokenizer, added = build_sft_trainer(
+        train_recs, eval_recs, base_model, out, cfg, max_steps=max_steps
+    )
+    n_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    metrics: dict[str, Any] = {
+        "kind": "sft",
+        "train_loss": result.training_loss,
+        "train_examples": len(train_recs),
+        "eval_examples": len(eval_recs),
+        "steps": trainer.state.global_step,
+        "train_seconds": seconds,
+        "train_tokens_per_second": n_tokens * (trainer.state.epoch or 0.0) / max(seconds, 1e-9),
+        "added_tokens": added,
+    }
+    if eval_recs:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+        write_metrics(out, metrics)
+    return metrics

@@ -1,0 +1,193 @@
+"""The reward model (`rstar.models.ppm`): trained for real on the tiny policy, then scored.
+
+Two PPMs are trained here: a few steps on the authors' example pairs (read in place), and a
+few dozen steps on a toy set that a model can learn (the positive step carries a word the
+negative lacks), which must rank held-out pairs well above chance. The trained directories
+are then loaded as the search loads them and checked for the scoring invariants: values in
+[-1, 1], independent of batching, long prefixes cut from the left, and the same values as in
+training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from rstar import RstarError, steps
+from rstar.config import TrainConfig
+from rstar.models import RewardModel
+from rstar.models.ppm import HFRewardModel, encode, load_reward_model, values_from_logits
+from rstar.models.tiny import build_tiny_policy
+from rstar.training import problem_key, split_held_out
+from rstar.training.reward import train_reward
+
+PAIRS = Path("/work/shared/data/rstar_format/ppm_pair_examples.json")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and the machine's 2 cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
+
+
+def toy_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Separable step pairs: the positive step says `good`, the negative `bad`; the rest is noise."""
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        head = (
+            f"\n{steps.ASSISTANT_HEADER}{steps.CODE_OPEN}\n# Step 1: add\nx = {a} + {b}\n{steps.END_OF_STEP}"
+        )
+        recs.append(
+            {
+                "prompt": steps.ppm_prompt(f"Problem {i}: what is {a} + {b} times {rng.randint(2, 9)}?"),
+                "pos": head + f"\n\n# Step 2: good\ny = x * {a}\n{steps.END_OF_STEP}",
+                "neg": head + f"\n\n# Step 2: bad\ny = x * {b}\n{steps.END_OF_STEP}",
+                "pos_count": 2,
+                "neg_count": 2,
+            }
+        )
+    return recs
+
+
+TOY_CFG = TrainConfig(
+    learning_rate=3e-3,
+    epochs=3,
+    batch_size=8,
+    micro_batch_size=8,
+    max_length=256,
+    warmup_ratio=0.0,
+    eval_fraction=0.25,
+    logging_steps=5,
+)
+
+
+@pytest.fixture(scope="module")
+def toy_ppm(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[dict]]:
+    """(directory, metrics, records) of a PPM trained ~18 steps on 48 toy pairs."""
+    out = tmp_path_factory.mktemp("ppm") / "toy"
+    recs = toy_pairs(48)
+    metrics = train_reward(recs, tiny_dir, out, TOY_CFG, kind="ppm")
+    return out, metrics, recs
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def test_train_on_example_pairs_reports_heldout_accuracy(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(learning_rate=1e-3, batch_size=2, micro_batch_size=2, max_length=384, eval_fraction=0.4)
+    out = tmp_path / "ppm"
+    metrics = train_reward(PAIRS, tiny_dir, out, cfg, kind="ppm", max_steps=2)
+    assert metrics["steps"] == 2
+    assert metrics["eval_records"] >= 1 and metrics["train_records"] >= 1
+    assert 0.0 <= metrics["heldout_accuracy"] <= 1.0
+    assert json.loads((out / "metrics.json").read_text())["heldout_accuracy"] == metrics["heldout_accuracy"]
+    # One self-describing directory: weights (head included) and config, no side file.
+    config = json.loads((out / "config.json").read_text())
+    assert config["rstar_reward"] == {"kind": "ppm", "activation": "tanh", "max_length": 384}
+    assert config["architectures"] == ["Qwen2ForSequenceClassification"]
+    assert not list(out.glob("*value_head*"))
+    rm = load_reward_model(out)
+    assert isinstance(rm, RewardModel) and rm.kind == "ppm" and rm.max_length == 384
+
+
+def test_toy_ppm_learns_to_rank(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
+    _, metrics, _ = toy_ppm
+    assert metrics["eval_records"] == 12
+    # The zero-initialised head starts at chance: every value 0, loss log 2 = 0.693, no pair
+    # ranked. (tanh bounds the loss from below by -log sigmoid(2) = 0.127.)
+    assert metrics["heldout_accuracy"] >= 0.9, metrics
+    assert metrics["eval_loss"] < 0.45, metrics
+
+
+def test_scores_match_training_values(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
+    """The loaded model ranks the held-out pairs exactly as training's evaluation did."""
+    out, metrics, recs = toy_ppm
+    _, held = split_held_out(
+        recs, TOY_CFG.eval_fraction, TOY_CFG.seed, key=lambda r: problem_key(r["prompt"])
+    )
+    rm = load_reward_model(out, device="cpu")
+    pos = rm.score([r["prompt"] for r in held], [r["pos"] for r in held])
+    neg = rm.score([r["prompt"] for r in held], [r["neg"] for r in held])
+    acc = sum(p > n for p, n in zip(pos, neg)) / len(held)
+    assert acc == pytest.approx(metrics["heldout_accuracy"])
+
+
+# --- scoring -------------------------------------------------------------------------------
+
+
+def test_values_in_range_and_independent_of_batching(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
+    out, _, recs = toy_ppm
+    rm = load_reward_model(out, device="cpu", max_batch_size=64)
+    # Prefixes of very different lengths, so batches carry a lot of padding.
+    prefixes = [r["prompt"] + (r["pos"] if i % 2 else "") for i, r in enumerate(recs[:10])]
+    steps_ = [
+        r["neg"][-40:] if i % 3 else "\n\n# Step 3: good\nz = 1\n<end_of_step>"
+        for i, r in enumerate(recs[:10])
+    ]
+    batched = rm.score(prefixes, steps_)
+    assert all(-1.0 <= v <= 1.0 for v in batched)
+    assert len(set(round(v, 6) for v in batched)) > 1  # a trained head tells texts apart
+    alone = [rm.score([p], [s])[0] for p, s in zip(prefixes, steps_)]
+    assert batched == pytest.approx(alone, abs=1e-5)
+    rm.max_batch_size = 3
+    assert rm.score(prefixes, steps_) == pytest.approx(alone, abs=1e-5)
+    assert rm.score([], []) == []
+
+
+def test_long_prefix_is_cut_from_the_left(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
+    out, _, recs = toy_ppm
+    rm = HFRewardModel(out, device="cpu", max_length=64)
+    step = "\n\n# Step 2: good\ny = x * 7\n<end_of_step>"
+    filler = "".join(f"\n# note {i}\nv{i} = {i}\n{steps.END_OF_STEP}" for i in range(40))
+    prefix_a = recs[0]["prompt"] + filler
+    prefix_b = recs[1]["prompt"] + "\n# another beginning altogether\n" + filler  # same last 64 tokens
+
+    ids = encode(rm.tokenizer, prefix_a + step, rm.max_length)
+    step_ids = rm.tokenizer(step, add_special_tokens=False)["input_ids"]
+    full = rm.tokenizer(prefix_a + step)["input_ids"]
+    assert len(full) > 2 * rm.max_length
+    assert len(ids) == rm.max_length
+    assert ids[-len(step_ids) :] == step_ids  # the step is whole, at the end
+    assert ids == full[-rm.max_length :]
+
+    with torch.inference_mode():
+        direct = values_from_logits(rm.model(input_ids=torch.tensor([ids])).logits).item()
+    score_a, score_b = rm.score([prefix_a, prefix_b], [step, step])
+    assert score_a == pytest.approx(direct, abs=1e-5)
+    assert score_b == pytest.approx(score_a, abs=1e-5)  # only the cut-off beginnings differ
+    # Scoring the truncated text itself gives the same value.
+    assert rm.score_texts([rm.tokenizer.decode(ids)])[0] == pytest.approx(direct, abs=1e-5)
+
+
+def test_a_policy_directory_is_not_a_reward_model(tiny_dir: Path) -> None:
+    with pytest.raises(RstarError, match="not a reward-model directory"):
+        load_reward_model(tiny_dir)
+    with pytest.raises(RstarError, match="not a model directory"):
+        load_reward_model(tiny_dir / "missing")
+
+
+def test_load_reward_through_model_config(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
+    """`rstar.models.load_reward`, as the search calls it."""
+    from rstar.config import ModelConfig
+    from rstar.models import load_reward
+
+    out, _, _ = toy_ppm
+    rm = load_reward(ModelConfig(ppm=str(out), device="cpu", max_batch_size=4))
+    assert rm is not None and rm.max_batch_size == 4
+    (v,) = rm.score([steps.ppm_prompt("Problem 0: x?")], ["\n\n# Step 2: good\ny = 1\n<end_of_step>"])
+    assert -1.0 <= v <= 1.0
+    assert load_reward(ModelConfig(ppm="")) is None
