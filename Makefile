@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build. GPU users install
 # their own torch (and vLLM) first, see README.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,ray
+EXTRAS ?= dev,ray,server
 
 .PHONY: install demo test lint format bench clean
 
