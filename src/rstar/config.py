@@ -106,6 +106,11 @@ class ModelConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
     max_batch_size: int = _f(64, "sequences per model forward pass (generation and scoring)")
+    cpu_threads: int = _f(
+        0,
+        "torch threads on CPU (0 = torch's default). On a small machine shared with sandbox and grading "
+        "workers, 1 avoids threads spinning against each other",
+    )
 
 
 @dataclass
@@ -138,6 +143,62 @@ def _ppm_train_defaults() -> TrainConfig:
     return TrainConfig(batch_size=512, micro_batch_size=8)
 
 
+def _paper_rounds() -> list[dict]:
+    return [{"preset": f"round{i}"} for i in range(1, 5)]
+
+
+@dataclass
+class EvolveConfig:
+    """`rstar evolve`: the four rounds of self-evolution (paper section 3.4)."""
+
+    run_dir: str = _f("runs/embedded", "run directory: problems, trees, data sets, checkpoints, report")
+    train_problems: str = _f("", "training problem file; empty = the embedded synthetic world's train split")
+    test_problems: str = _f("", "test problem file; empty = the embedded world's test split")
+    train_per_level: int = _f(60, "embedded world: training problems searched per level")
+    test_per_level: int = _f(25, "embedded world: test problems per level")
+    world_seed: int = _f(0, "embedded world: seed of the problem generator")
+    seed_levels: list[int] = _f(
+        [1, 2], "embedded world: levels whose reference solutions pre-train the base policy"
+    )
+    seed_per_level: int = _f(
+        400, "embedded world: seed solutions per seed level (drawn apart from the searched problems)"
+    )
+    base_policy: str = _f(
+        "", "policy to start from; empty = build a tiny Qwen2 and pre-train it on the seed set"
+    )
+    policy_size: str = _f(
+        "tiny", "size of the tiny policy built when base_policy is empty (rstar.models.tiny.SIZES)"
+    )
+    vocab_size: int = _f(900, "tokenizer size of the tiny policy")
+    bootstrap_policy: str = _f(
+        "",
+        "round-1 policy (the paper: DeepSeek-Coder-V2 236B); empty = the base policy itself, which then "
+        "gets the first round's larger rollout budget instead of a larger model",
+    )
+    rounds: list[dict] = _f(
+        _paper_rounds(),
+        "per round: a `preset` whose search section defines the round (round1..round4), then search "
+        "fields that override it, e.g. {preset: round1, rollouts: 16}",
+    )
+    unsolved_rollouts: list[int] = _f(
+        [64, 128], "last round: problems still unsolved are searched again with these rollouts, one pass each"
+    )
+    unsolved_seeds: int = _f(
+        2, "last round: independent trees (distinct seeds) per unsolved problem in each pass"
+    )
+    sft_init: str = _f(
+        "base", "each round's policy is fine-tuned from 'base' (the starting policy) or 'previous'"
+    )
+    sft_keep_seed: bool = _f(True, "embedded world: add the seed solutions to every round's SFT set")
+    eval_samples: int = _f(8, "test evaluation: N of best-of-N and MCTS rollouts (equal complete solutions)")
+    eval_top_k: int = _f(4, "test evaluation: trajectories in the final top-K vote")
+    compare_size: str = _f(
+        "",
+        "also pre-train a policy of this size on the same seed set and report its greedy accuracy (the "
+        "paper's 'small model beats a large one' in miniature); empty = skip",
+    )
+
+
 @dataclass
 class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -146,6 +207,8 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sft: TrainConfig = field(default_factory=TrainConfig)
     ppm: TrainConfig = field(default_factory=_ppm_train_defaults)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    evolve: EvolveConfig = field(default_factory=EvolveConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -266,7 +329,9 @@ def from_dict(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"unknown config field(s) {sorted(where + k for k in unknown)}; known: {sorted(names)}")
+        raise ConfigError(
+            f"unknown config field(s) {sorted(where + k for k in unknown)}; known: {sorted(names)}"
+        )
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]

@@ -14,10 +14,27 @@ from rstar.models.base import Completion, GenRequest, Policy, RewardModel
 if TYPE_CHECKING:
     from rstar.config import ModelConfig
 
-__all__ = ["Completion", "GenRequest", "Policy", "RewardModel", "load_policy", "load_reward"]
+__all__ = [
+    "Completion",
+    "GenRequest",
+    "Policy",
+    "RewardModel",
+    "load_policy",
+    "load_reward",
+    "set_cpu_threads",
+]
+
+
+def set_cpu_threads(cfg: ModelConfig) -> None:
+    """Apply `model.cpu_threads` (a process-wide torch setting) when it is set."""
+    if cfg.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.cpu_threads)
 
 
 def load_policy(cfg: ModelConfig) -> Policy:
+    set_cpu_threads(cfg)
     if not cfg.policy:
         raise RstarError(
             "no policy given: pass --policy MODEL (an HF directory or hub name) or set model.policy"
@@ -40,6 +57,7 @@ def load_policy(cfg: ModelConfig) -> Policy:
 def load_reward(cfg: ModelConfig) -> RewardModel | None:
     if not cfg.ppm:
         return None
+    set_cpu_threads(cfg)
     from rstar.models.ppm import load_reward_model
 
     return load_reward_model(cfg.ppm, device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size)

@@ -22,7 +22,7 @@ def mcts(ctx: SearchContext) -> Search:
     score = cfg.ppm_init or not cfg.terminal_guided
     rng = random.Random(ctx.seed)
     tree = ctx.new_tree()
-    for _ in range(cfg.rollouts):
+    for k in range(cfg.rollouts):
         node = tree.root
         while not node.is_terminal:
             if not node.expanded:
@@ -31,5 +31,7 @@ def mcts(ctx: SearchContext) -> Search:
                     for child in new:  # q(s_i)^0 = PPM(x + s_1..s_i)
                         child.q = child.value
             node = select_child(tree, node, cfg.c_puct, cfg.unvisited, rng)
+        if node.rollout is None:
+            node.rollout = k  # lets evaluation reuse one search for every smaller budget
         backup(tree, node, terminal_value(node, cfg))
     return tree

@@ -44,6 +44,7 @@ class Node:
     expanded: bool = False
     stop_reason: str = ""
     n_tokens: int = 0
+    rollout: int | None = None  # MCTS: the rollout that first reached this terminal (0-based)
 
     @property
     def Q(self) -> float:

@@ -1,0 +1,341 @@
+"""`rstar evolve`: the paper's four rounds of self-evolution (section 3.4), end to end.
+
+    round r:  generate (MCTS with policy r-1 [+ PPM r-1 from round 3]) -> trees
+              extract  (top-2 correct trajectories; per-step preference pairs)
+              train    policy r (SFT)  and  PPM r (pairwise, from policy r)
+              evaluate (test split: greedy, best-of-N + PPM, MCTS + PPM at equal samples)
+
+With no arguments it runs the embedded preset: a synthetic math world and a tiny Qwen2 built
+and pre-trained here (rstar.data.world, rstar.models.tiny), so the whole loop runs on a CPU.
+With `--config FILE` the same code runs any policy and problem files (a GPU user's
+Qwen2.5-Math-7B with vLLM is the same command).
+
+The bootstrap. The paper's round 1 uses a 236B model. The embedded default has no larger
+model, so round 1 runs the seed-trained base policy with a larger rollout budget: the point
+of round 1 is to get correct trajectories for as many problems as possible, and more search
+is the stand-in for more capacity. `evolve.bootstrap_policy` names a real larger model when
+there is one; it runs through the same search as every other policy.
+
+Every stage is resumable: a stage records itself in `RUN/state.json` when it finishes and is
+skipped on the next run; `generate` stages resume inside the tree file (problem by problem),
+so a killed run continues at the stage and problem where it stopped. Artifacts:
+
+    RUN/problems/{train,test,seed_sft}.jsonl    RUN/models/{base,policy_rK,ppm_rK}/
+    RUN/roundK/{trees.jsonl, extra*/, sft.jsonl, pairs.jsonl, eval/}
+    RUN/report.{md,json,png}, RUN/trees.html    RUN/state.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rstar import RstarError
+from rstar.config import Config, add_config_arguments, config_from_args, from_dict, preset_dict
+
+
+def log(msg: str) -> None:
+    print(f"[evolve] {msg}", file=sys.stderr, flush=True)
+
+
+# --- run state ------------------------------------------------------------------------------
+
+
+class RunState:
+    """Which stages of a run are done (and how long they took), kept in RUN/state.json."""
+
+    def __init__(self, run_dir: Path, cfg: Config):
+        self.path = run_dir / "state.json"
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+            if self.data.get("config") != cfg.to_dict():
+                log(f"note: {self.path} was written with another config; finished stages are kept")
+        else:
+            self.data = {"stages": {}}
+        self.data["config"] = cfg.to_dict()
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)  # atomic: a kill never leaves a half-written state
+
+    def done(self, name: str) -> bool:
+        return name in self.data["stages"]
+
+    def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run stage `name` (= fn(*args)) unless it already finished; record its time and result."""
+        if self.done(name):
+            log(f"{name}: done earlier, skipped")
+            return self.data["stages"][name].get("result")
+        log(f"{name} ...")
+        t0 = time.perf_counter()
+        result = fn(*args)
+        seconds = time.perf_counter() - t0
+        self.data["stages"][name] = {"seconds": round(seconds, 2), "result": result}
+        self._save()
+        log(f"{name}: {seconds:.1f} s")
+        return result
+
+    def seconds(self, prefix: str) -> float:
+        return sum(v["seconds"] for k, v in self.data["stages"].items() if k.startswith(prefix))
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+
+def round_search(cfg: Config, r: int) -> Config:
+    """The config of round r's search: the round's preset search section, then its overrides."""
+    spec = dict(cfg.evolve.rounds[r - 1])
+    preset = spec.pop("preset", None)
+    fields = dict(preset_dict(preset).get("search", {})) if preset else {}
+    fields.update(spec)
+    search = from_dict(type(cfg.search), fields, where=f"evolve.rounds[{r - 1}].", base=cfg.search)
+    return dataclasses.replace(cfg, search=search)
+
+
+def write_problems(path: Path, problems: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for p in problems:
+            f.write(json.dumps(p.to_dict()) + "\n")
+
+
+def prepare_problems(cfg: Config, run: Path) -> dict:
+    """Training and test problems (and, for the embedded world, the seed SFT set)."""
+    from rstar.data.problems import load_problems
+    from rstar.data.world import WorldConfig, make_split, seed_sft_records
+
+    e = cfg.evolve
+    pdir = run / "problems"
+    if e.train_problems:
+        write_problems(pdir / "train.jsonl", load_problems(e.train_problems))
+        write_problems(pdir / "test.jsonl", load_problems(e.test_problems) if e.test_problems else [])
+        return {"train": len(load_problems(pdir / "train.jsonl"))}
+    world = WorldConfig()
+    train = make_split("train", e.train_per_level, world, seed=e.world_seed)
+    test = make_split("test", e.test_per_level, world, seed=e.world_seed)
+    # Seed solutions come from another seed's draws, minus any question that is searched.
+    searched = {p.question for p in train}
+    seed_pool = make_split(
+        "train", {lv: e.seed_per_level for lv in e.seed_levels}, world, seed=e.world_seed + 1
+    )
+    seed = seed_sft_records([p for p in seed_pool if p.question not in searched])
+    write_problems(pdir / "train.jsonl", train)
+    write_problems(pdir / "test.jsonl", test)
+    with open(pdir / "seed_sft.jsonl", "w") as f:
+        for rec in seed:
+            f.write(json.dumps(rec) + "\n")
+    return {"train": len(train), "test": len(test), "seed_sft": len(seed)}
+
+
+def build_base(cfg: Config, run: Path, size: str, name: str) -> dict:
+    """A tiny policy (tokenizer trained on the world's text) pre-trained on the seed set."""
+    from rstar.data.world import WorldConfig, tokenizer_corpus
+    from rstar.models.tiny import build_tiny_policy
+    from rstar.training.sft import train_sft
+
+    init = run / "models" / f"{name}_init"
+    build_tiny_policy(
+        init, tokenizer_corpus(WorldConfig(), n=1000), size=size, vocab_size=cfg.evolve.vocab_size
+    )
+    metrics = train_sft(run / "problems" / "seed_sft.jsonl", init, run / "models" / name, cfg.pretrain)
+    return {k: metrics[k] for k in ("train_loss", "eval_loss", "steps", "train_seconds") if k in metrics}
+
+
+def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dict:
+    from rstar.data.problems import load_problems
+    from rstar.search.run import generate, open_backends
+
+    rcfg = round_search(cfg, r)
+    if rcfg.search.ppm_init and not ppm:
+        log(f"round {r}: no PPM trained yet, so this round's search is terminal-guided only")
+        rcfg = dataclasses.replace(rcfg, search=dataclasses.replace(rcfg.search, ppm_init=False))
+    rcfg = dataclasses.replace(
+        rcfg, model=dataclasses.replace(rcfg.model, policy=policy, ppm=ppm if rcfg.search.ppm_init else "")
+    )
+    problems = load_problems(run / "problems" / "train.jsonl")
+    with open_backends(rcfg) as backends:
+        stats = generate(
+            problems, rcfg, run / f"round{r}", resume=True, backends=backends, description=f"round {r} search"
+        )
+        if r == len(cfg.evolve.rounds):
+            # Round 4: problems still unsolved get more rollouts and several trees each.
+            for i, rollouts in enumerate(cfg.evolve.unsolved_rollouts):
+                unsolved = [p for p in problems if p.id not in solved_ids(run / f"round{r}")]
+                if not unsolved:
+                    break
+                extra = dataclasses.replace(
+                    rcfg.search,
+                    rollouts=rollouts,
+                    trajectories=cfg.evolve.unsolved_seeds,
+                    seed=rcfg.search.seed + 1 + i,
+                )
+                log(
+                    f"round {r}: {len(unsolved)} unsolved problems, {rollouts} rollouts x {extra.trajectories} seeds"
+                )
+                generate(
+                    unsolved,
+                    dataclasses.replace(rcfg, search=extra),
+                    run / f"round{r}" / f"extra{i + 1}",
+                    resume=True,
+                    backends=backends,
+                    description=f"round {r} unsolved, pass {i + 1}",
+                )
+    return stats.as_dict()
+
+
+def tree_files(round_dir: Path) -> list[Path]:
+    return [round_dir / "trees.jsonl", *sorted(round_dir.glob("extra*/trees.jsonl"))]
+
+
+def records(round_dir: Path) -> list[dict]:
+    from rstar.search.treefile import iter_records
+
+    return [rec for path in tree_files(round_dir) if path.exists() for rec in iter_records(path)]
+
+
+def solved_ids(round_dir: Path) -> set[str]:
+    from rstar.search.tree import Tree
+
+    out = set()
+    for rec in records(round_dir):
+        if any(n.correct for n in Tree.from_dict(rec["tree"]).answers()):
+            out.add(rec["problem"]["id"])
+    return out
+
+
+def extract_round(cfg: Config, run: Path, r: int) -> dict:
+    from rstar.data.extract import coverage, extract_ppm, extract_sft
+
+    recs = records(run / f"round{r}")
+    sft = extract_sft(recs)
+    pairs = extract_ppm(recs)
+    seed_path = run / "problems" / "seed_sft.jsonl"
+    if cfg.evolve.sft_keep_seed and seed_path.exists():
+        sft += [json.loads(line) for line in seed_path.read_text().splitlines() if line.strip()]
+    for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
+        with open(run / f"round{r}" / name, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return {"coverage": coverage(recs), "sft_records": len(sft), "pairs": len(pairs)}
+
+
+def train_round(cfg: Config, run: Path, r: int, base: str, previous: str) -> dict:
+    from rstar.training.reward import train_reward
+    from rstar.training.sft import train_sft
+
+    models = run / "models"
+    init = base if cfg.evolve.sft_init == "base" else previous
+    sft = train_sft(run / f"round{r}" / "sft.jsonl", init, models / f"policy_r{r}", cfg.sft)
+    keep = ("train_loss", "eval_loss", "heldout_accuracy", "steps", "train_seconds")
+    out = {"sft": {k: sft[k] for k in keep if k in sft}}
+    pairs = run / f"round{r}" / "pairs.jsonl"
+    if not pairs.read_text().strip():
+        # Pairs need a node with both a correct and a wrong continuation; a round that solved
+        # (almost) nothing has none. The next round then searches with the previous PPM.
+        log(f"round {r}: no preference pairs (too few problems solved); no PPM is trained this round")
+        out["ppm"] = {"skipped": "no preference pairs"}
+        return out
+    ppm = train_reward(pairs, models / f"policy_r{r}", models / f"ppm_r{r}", cfg.ppm, kind="ppm")
+    out["ppm"] = {k: ppm[k] for k in keep if k in ppm}
+    return out
+
+
+def evaluate_round(cfg: Config, run: Path, r: int | str, policy: str, ppm: str) -> dict:
+    """Greedy, best-of-N + PPM and MCTS + PPM on the test split, at N = eval_samples complete
+    solutions each (MCTS: one search of N rollouts; best-of-N: N sampled solutions)."""
+    from rstar.data.problems import load_problems
+    from rstar.evaluate import EvalRun, run_eval
+
+    problems = load_problems(run / "problems" / "test.jsonl")
+    if not problems:
+        return {}
+    ecfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy=policy))
+    runs = [EvalRun("greedy", "greedy")]
+    if ppm:
+        runs += [EvalRun("bon-ppm", "bon", ppm), EvalRun("mcts-ppm", "mcts", ppm)]
+    n = cfg.evolve.eval_samples
+    budgets = sorted({1, *[k for k in (2, 4, 8, 16, 32, 64) if k < n], n})
+    summary = run_eval(
+        problems,
+        ecfg,
+        runs,
+        budgets,
+        run / f"round{r}" / "eval",
+        top_k=cfg.evolve.eval_top_k,
+        resume=True,
+        mcts_unit="rollouts",
+    )
+    return summary
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def evolve(cfg: Config) -> dict:
+    from rstar.models import set_cpu_threads
+
+    set_cpu_threads(cfg.model)  # training runs in this process too
+    run = Path(cfg.evolve.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    state = RunState(run, cfg)
+    t0 = time.perf_counter()
+    state.run("problems", prepare_problems, cfg, run)
+    e = cfg.evolve
+    if e.base_policy:
+        base = e.base_policy
+    else:
+        if not (run / "problems" / "seed_sft.jsonl").exists():
+            raise RstarError(
+                "evolve.base_policy is empty, but there is no seed set to pre-train a tiny policy on "
+                "(set evolve.base_policy when evolve.train_problems is set)"
+            )
+        state.run("pretrain", build_base, cfg, run, e.policy_size, "base")
+        base = str(run / "models" / "base")
+    if e.compare_size and not e.base_policy:
+        state.run("pretrain_compare", build_base, cfg, run, e.compare_size, "compare")
+        state.run("eval_compare", evaluate_round, cfg, run, "compare", str(run / "models" / "compare"), "")
+    state.run("eval_base", evaluate_round, cfg, run, 0, base, "")
+    policy, ppm = e.bootstrap_policy or base, ""
+    for r in range(1, len(e.rounds) + 1):
+        state.run(f"round{r}/generate", generate_round, cfg, run, r, policy, ppm)
+        state.run(f"round{r}/extract", extract_round, cfg, run, r)
+        trained = state.run(f"round{r}/train", train_round, cfg, run, r, base, policy if r > 1 else base)
+        policy = str(run / "models" / f"policy_r{r}")
+        if "skipped" not in trained["ppm"]:  # else the previous round's PPM stays in use
+            ppm = str(run / "models" / f"ppm_r{r}")
+        state.run(f"round{r}/eval", evaluate_round, cfg, run, r, policy, ppm)
+    from rstar.report import write_report
+
+    report = write_report(run, state.data, total_s=time.perf_counter() - t0)
+    return report
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", help="run directory (sets evolve.run_dir)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the quick preset (a smoke run of every stage, ~3 min)"
+    )
+    add_config_arguments(parser, default_preset="embedded")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.preset = "quick"
+    if args.run_dir:
+        args.overrides = [*args.overrides, f"evolve.run_dir={json.dumps(args.run_dir)}"]
+    cfg = config_from_args(args)
+    report = evolve(cfg)
+    print(report["markdown"])
+    return 0

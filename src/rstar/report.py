@@ -1,0 +1,186 @@
+"""The report of an `rstar evolve` run: RUN/report.{md,json,png} and RUN/trees.html.
+
+Per round: training-set coverage per difficulty level (the paper's Table 2), test accuracy per
+level for greedy, best-of-N + PPM and MCTS + PPM at the same number of complete solutions,
+the PPM's held-out pairwise accuracy, and the time of each stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+GREEDY, BON, MCTS = "greedy", "bon-ppm", "mcts-ppm"
+# the answer-selection rule each method is reported with
+RULE = {GREEDY: "best_of_n", BON: "best_of_n", MCTS: "topk_vote"}
+
+
+def _acc(summary: dict, run: str, level: str | None = None) -> float | None:
+    """Accuracy of one eval run at its largest budget (overall or for one level)."""
+    r = (summary or {}).get("runs", {}).get(run)
+    if not r:
+        return None
+    m = r["metrics"][max(r["metrics"], key=int)]
+    if level is not None:
+        m = m["levels"].get(level)
+        if m is None:
+            return None
+    return m[RULE[run]]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def collect(state: dict) -> dict:
+    """The report's numbers from the run state (every stage's recorded result)."""
+    stages = state["stages"]
+    rounds = sorted({int(k.split("/")[0][5:]) for k in stages if k.startswith("round")})
+    levels: set[str] = set()
+    out: dict = {"rounds": [], "times": {k: v["seconds"] for k, v in stages.items()}}
+    for name in ("eval_base", "eval_compare"):
+        if name in stages:
+            out[name] = {"all": _acc(stages[name]["result"], GREEDY)}
+    for r in rounds:
+        ex = (stages.get(f"round{r}/extract") or {}).get("result") or {}
+        tr = (stages.get(f"round{r}/train") or {}).get("result") or {}
+        ev = (stages.get(f"round{r}/eval") or {}).get("result") or {}
+        cov = ex.get("coverage", {})
+        levels |= set(cov.get("levels", {}))
+        for run in ev.get("runs", {}).values():
+            levels |= set(run["metrics"][max(run["metrics"], key=int)]["levels"])
+        out["rounds"].append(
+            {
+                "round": r,
+                "coverage": cov,
+                "sft_records": ex.get("sft_records"),
+                "pairs": ex.get("pairs"),
+                "ppm_heldout_accuracy": tr.get("ppm", {}).get("heldout_accuracy"),
+                "test": {
+                    run: {"all": _acc(ev, run), **{lv: _acc(ev, run, lv) for lv in sorted(levels)}}
+                    for run in (GREEDY, BON, MCTS)
+                    if run in ev.get("runs", {})
+                },
+                "eval_samples": (ev.get("budgets") or [None])[-1],
+                "seconds": {
+                    k.split("/")[1]: v["seconds"] for k, v in stages.items() if k.startswith(f"round{r}/")
+                },
+            }
+        )
+    for name in ("eval_base", "eval_compare"):
+        if name in stages:
+            out[name].update({lv: _acc(stages[name]["result"], GREEDY, lv) for lv in sorted(levels)})
+    out["levels"] = sorted(levels, key=lambda x: (len(x), x))
+    return out
+
+
+def markdown(data: dict, total_s: float) -> str:
+    levels = data["levels"]
+    lines = ["# rstar evolve report", ""]
+    lines += ["## Training-set coverage (share of problems with a correct trajectory, %)", ""]
+    lines += ["| round | " + " | ".join(f"level {lv}" for lv in levels) + " | all | SFT records | pairs |"]
+    lines += ["|" + " --- |" * (len(levels) + 4)]
+    for r in data["rounds"]:
+        cov = r["coverage"]
+        cells = [_pct(cov.get("levels", {}).get(lv)) for lv in levels]
+        lines.append(
+            f"| {r['round']} | "
+            + " | ".join(cells)
+            + f" | {_pct(cov.get('all'))} | {r['sft_records']} | {r['pairs']} |"
+        )
+    lines += ["", "## Test accuracy (%)", ""]
+    n = next((r["eval_samples"] for r in data["rounds"] if r["eval_samples"]), None)
+    lines += [
+        f"greedy: one greedy solution; best-of-N: the PPM's best of N={n} sampled solutions; MCTS+PPM: one "
+        f"search of N={n} rollouts, majority vote over the top-K answers by PPM score.",
+        "",
+        "| policy | method | " + " | ".join(f"level {lv}" for lv in levels) + " | all |",
+        "|" + " --- |" * (len(levels) + 3),
+    ]
+    for name, label in (("eval_compare", "larger model (seed only)"), ("eval_base", "base (seed only)")):
+        if name in data:
+            row = data[name]
+            lines.append(
+                f"| {label} | greedy | "
+                + " | ".join(_pct(row.get(lv)) for lv in levels)
+                + f" | {_pct(row['all'])} |"
+            )
+    for r in data["rounds"]:
+        for run, label in ((GREEDY, "greedy"), (BON, f"best-of-{n} + PPM"), (MCTS, "MCTS + PPM")):
+            if run in r["test"]:
+                row = r["test"][run]
+                lines.append(
+                    f"| round {r['round']} | {label} | "
+                    + " | ".join(_pct(row.get(lv)) for lv in levels)
+                    + f" | {_pct(row['all'])} |"
+                )
+    lines += ["", "## PPM held-out pairwise accuracy (%)", "", "| round | accuracy |", "| --- | --- |"]
+    for r in data["rounds"]:
+        lines.append(f"| {r['round']} | {_pct(r['ppm_heldout_accuracy'])} |")
+    lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "| --- | --- |"]
+    for k, v in data["times"].items():
+        lines.append(f"| {k} | {v:.1f} |")
+    lines += ["", f"Total wall time of this invocation: {total_s:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in data["rounds"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for lv in data["levels"]:
+        ys = [100 * (r["coverage"].get("levels", {}).get(lv) or 0) for r in data["rounds"]]
+        ax.plot(rounds, ys, marker="o", label=f"level {lv}")
+    ax.set(title="training-set coverage", xlabel="round", ylabel="% problems solved by search", xticks=rounds)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    hardest = data["levels"][-1] if data["levels"] else None
+    for run, label in ((GREEDY, "greedy"), (BON, "best-of-N + PPM"), (MCTS, "MCTS + PPM")):
+        ys = [100 * (r["test"].get(run, {}).get(hardest) or 0) for r in data["rounds"]]
+        ax.plot(rounds, ys, marker="o", label=label)
+    ax.set(title=f"test accuracy, level {hardest}", xlabel="round", ylabel="%", xticks=rounds)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run: Path, state: dict, total_s: float) -> dict:
+    data = collect(state)
+    md = markdown(data, total_s)
+    if data["rounds"]:
+        plot(data, run / "report.png")
+        md += "\n![coverage and accuracy by round](report.png)\n"
+        viewer = _write_viewer(run, data["rounds"][-1]["round"])
+        if viewer:
+            md += (
+                f"\nSearch trees of the last round, to explore in a browser: [{viewer.name}]({viewer.name})\n"
+            )
+    (run / "report.md").write_text(md)
+    (run / "report.json").write_text(json.dumps(data, indent=1))
+    return {"markdown": md, **data}
+
+
+def _write_viewer(run: Path, r: int, n: int = 12) -> Path | None:
+    """A few of the last round's trees (solved and unsolved, hardest levels first) as HTML."""
+    from rstar.search.treefile import iter_records
+
+    path = run / f"round{r}" / "trees.jsonl"
+    if not path.exists():
+        return None
+    recs = list(iter_records(path))
+    recs.sort(key=lambda rec: (-(int(rec["problem"].get("level") or 0)), not rec.get("correct")))
+    try:
+        from rstar.view import write_viewer
+
+        return write_viewer(recs[:n], run / "trees.html", title=f"round {r} search trees")
+    except Exception as e:  # the viewer needs npm on first use; the report stands without it
+        print(f"[evolve] tree viewer not written: {e}")
+        return None

@@ -1,0 +1,130 @@
+"""Evaluation metrics on hand-made trajectories where the right verdicts are known, and
+trajectories read from real tree records."""
+
+from __future__ import annotations
+
+import pytest
+
+from rstar.evaluate import (
+    Trajectory,
+    metrics_at_budgets,
+    scaling_plot,
+    select,
+    summary_table,
+    trajectories,
+    within,
+)
+from rstar.grading import Grader
+from rstar.search.tree import ANSWER, Tree
+
+
+def T(answer, score, correct, order=0):
+    return Trajectory(answer, score, correct, order)
+
+
+def exact(a, b):
+    return a == b
+
+
+def test_majority_best_of_n_and_top_k_vote():
+    trajs = [
+        T("7", 0.9, False, 0),  # the single best-scored answer is wrong
+        T("5", 0.8, True, 1),
+        T("5", 0.7, True, 2),
+        T("9", -0.5, False, 3),
+        T("9", -0.6, False, 4),
+        T("9", -0.7, False, 5),
+    ]
+    v = select(trajs, top_k=3, same=exact)
+    assert v["majority"] is False  # "9" has 3 votes
+    assert v["best_of_n"] is False  # "7" scores highest
+    assert v["topk_vote"] is True  # top-3 by score: 7, 5, 5 -> "5"
+    assert v["topk_weighted"] is True
+    assert v["pass"] is True
+
+
+def test_weighted_vote_differs_from_unweighted():
+    trajs = [T("1", 0.95, True), T("2", -0.9, False), T("2", -0.9, False)]
+    v = select(trajs, top_k=3, same=exact)
+    assert v["topk_vote"] is False and v["topk_weighted"] is True  # 1.95 > 2 * 0.1
+
+
+def test_answers_vote_by_equivalence_not_by_string():
+    with Grader(timeout_s=5) as g:
+        trajs = [T("3", 0.2, False), T("0.5", 0.1, True), T(r"\frac{1}{2}", 0.1, True)]
+        assert select(trajs, 3, lambda a, b: g.grade(a, b))["majority"] is True
+        assert select(trajs, 3, exact)["majority"] is False  # as strings: a 3-way tie, "3" came first
+
+
+def test_budgets_reuse_one_run_and_levels():
+    per_problem = {
+        "a": ({"id": "a", "level": "1"}, [T("1", 0.1, False, 0), T("2", 0.9, True, 1)]),
+        "b": ({"id": "b", "level": "2"}, [T("3", 0.5, True, 0), T("4", 0.1, False, 1)]),
+    }
+    m = metrics_at_budgets(per_problem, [1, 2], top_k=1, same=exact)
+    assert m[1]["best_of_n"] == 0.5 and m[2]["best_of_n"] == 1.0
+    assert m[1]["pass"] == 0.5 and m[2]["pass"] == 1.0
+    assert m[2]["levels"]["1"]["best_of_n"] == 1.0 and m[1]["levels"]["1"]["best_of_n"] == 0.0
+    assert m[2]["n"] == 2
+    assert [t.order for t in within(per_problem["a"][1], 1)] == [0]
+
+
+def _record(mode: str, tree: Tree, index: int = 0) -> dict:
+    return {
+        "key": f"p#{index}",
+        "mode": mode,
+        "search_index": index,
+        "problem": {"id": "p"},
+        "tree": tree.to_dict(),
+    }
+
+
+def test_trajectories_from_records():
+    tree = Tree.new("q", "p")
+    a = tree.add_child(tree.root, "a", kind="answer", terminal=ANSWER, answer="1", correct=False, value=0.2)
+    b = tree.add_child(tree.root, "b", kind="answer", terminal=ANSWER, answer="2", correct=True, value=0.8)
+    a.rollout, b.rollout = 3, 0
+    a.N, b.N = 1, 1
+    bon = trajectories(_record("bon", tree))
+    assert [t.answer for t in bon] == ["1", "2"] and [t.order for t in bon] == [0, 1]
+    by_rollout = trajectories(_record("mcts", tree), unit="rollouts")
+    assert [(t.answer, t.order) for t in by_rollout] == [("2", 0), ("1", 3)]
+    [best] = trajectories(_record("mcts", tree, index=5), unit="searches")
+    assert (best.answer, best.score, best.correct, best.order) == ("2", 0.8, True, 5)
+
+
+def test_plot_and_table(tmp_path):
+    summary = {
+        "runs": {
+            "mcts-ppm": {"mode": "mcts", "reward": "ppm", "metrics": {1: _m(0.3), 4: _m(0.6)}},
+            "bon-ppm": {"mode": "bon", "reward": "ppm", "metrics": {1: _m(0.3), 4: _m(0.4)}},
+            "greedy": {"mode": "greedy", "reward": "", "metrics": {1: _m(0.2)}},
+        }
+    }
+    path = scaling_plot(summary, tmp_path / "s.png")
+    assert path.stat().st_size > 5000
+    table = summary_table(summary)
+    assert "| mcts-ppm | mcts | ppm | 4 | 60.0" in table and "| greedy | greedy | - | 1 | 20.0" in table
+
+
+def _m(x: float) -> dict:
+    return {
+        "majority": x,
+        "best_of_n": x,
+        "topk_vote": x,
+        "topk_weighted": x,
+        "pass": x,
+        "n": 10,
+        "levels": {},
+    }
+
+
+@pytest.mark.parametrize("name", ["math500", "aime2024", "amc23", "gsm8k"])
+def test_benchmarks_by_name_from_a_local_directory(name):
+    from pathlib import Path
+
+    from rstar.evaluate import load_benchmark
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+    probs = load_benchmark(name, data_dir=str(data), limit=3)
+    assert len(probs) == 3 and all(p.question and p.answer for p in probs)
