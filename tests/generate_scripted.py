@@ -10,15 +10,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from scripted import ScriptedPolicy  # noqa: E402
-
 from rstar.config import load_config  # noqa: E402
 from rstar.search.run import generate, open_backends  # noqa: E402
+from scripted import ScriptedPolicy  # noqa: E402
 from test_search import problems  # noqa: E402
 
 if __name__ == "__main__":
     out, n = sys.argv[1], int(sys.argv[2])
-    cfg = load_config("round2", overrides=["search.rollouts=4", "search.num_samples=3", "scheduler.max_inflight=4"])
+    cfg = load_config(
+        "round2", overrides=["search.rollouts=4", "search.num_samples=3", "scheduler.max_inflight=4"]
+    )
     # a slow policy, so that the run is still going when the test kills it
     with open_backends(cfg, policy=ScriptedPolicy(delay_s=0.02)) as backends:
         generate(problems(n), cfg, out, resume="--resume" in sys.argv, backends=backends, show_progress=False)

@@ -55,7 +55,11 @@ class ScriptedPolicy:
             # Sampling cycles through the options from a seeded offset: n >= 3 samples always
             # cover the right step, so tests do not hinge on one seed's luck.
             start = random.Random(r.seed).randrange(len(options))
-            picks = [options[0]] * r.n if r.temperature == 0 else [options[(start + i) % len(options)] for i in range(r.n)]
+            picks = (
+                [options[0]] * r.n
+                if r.temperature == 0
+                else [options[(start + i) % len(options)] for i in range(r.n)]
+            )
             out.append([Completion(text=t, stop_reason="stop", n_tokens=len(t) // 4) for t in picks])
         return out
 

@@ -7,7 +7,6 @@ import json
 import random
 
 import pytest
-from scripted import ScriptedPolicy, ScriptedReward
 
 from rstar.config import load_config
 from rstar.data.problems import Problem
@@ -18,6 +17,7 @@ from rstar.search.run import generate
 from rstar.search.scheduler import Backends, Job, run_jobs
 from rstar.search.tree import ANSWER, CODE_ERROR, Tree, select_child, uct
 from rstar.search.treefile import iter_records
+from scripted import ScriptedPolicy, ScriptedReward
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,10 @@ def test_mcts_data_generation_prefers_the_right_step(sandbox, grader):
     [(job, tree, info)] = search(cfg, backends, problems(1))
     check_tree_invariants(tree)
     assert tree.root.N == 12
-    firsts = {("+" if " + " in c.text and "undefined" not in c.text else "-" if " - " in c.text else "err"): c
-              for c in tree.children(tree.root)}
+    firsts = {
+        ("+" if " + " in c.text and "undefined" not in c.text else "-" if " - " in c.text else "err"): c
+        for c in tree.children(tree.root)
+    }
     # The error step is a terminal with value -1 (error threshold 1 in round 2).
     if "err" in firsts:
         assert firsts["err"].terminal == CODE_ERROR and firsts["err"].exec_ok is False
@@ -88,7 +90,9 @@ def test_mcts_data_generation_prefers_the_right_step(sandbox, grader):
 
 
 def test_error_threshold_two_lets_a_failed_step_continue(sandbox, grader):
-    cfg = load_config("round1", overrides=["search.rollouts=6", "search.num_samples=6", "search.prompt_style=sft"])
+    cfg = load_config(
+        "round1", overrides=["search.rollouts=6", "search.num_samples=6", "search.prompt_style=sft"]
+    )
     backends = Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader)
     [(_, tree, _)] = search(cfg, backends, problems(1))
     err = [n for n in tree.children(tree.root) if "undefined" in n.text]
@@ -162,7 +166,9 @@ def test_best_of_n_and_greedy(sandbox, grader):
 
 
 def test_scheduler_batches_across_problems(sandbox, grader):
-    cfg = load_config("round2", overrides=["search.rollouts=3", "search.num_samples=2", "scheduler.max_inflight=8"])
+    cfg = load_config(
+        "round2", overrides=["search.rollouts=3", "search.num_samples=2", "scheduler.max_inflight=8"]
+    )
     policy = ScriptedPolicy()
     backends = Backends(policy=policy, sandbox=sandbox, grader=grader)
     results = search(cfg, backends, problems(8))

@@ -70,7 +70,10 @@ def test_code_of_pair_with_indentation_error_is_kept_verbatim():
 
 
 def test_sft_prompt_and_fewshot():
-    assert sft_prompt("Q?") == "<|user|>:\nQ?\n<|assistant|>: Let's think step by step and solve the problem with code."
+    assert (
+        sft_prompt("Q?")
+        == "<|user|>:\nQ?\n<|assistant|>: Let's think step by step and solve the problem with code."
+    )
     few = build_prompt("Q?", "fewshot")
     assert few.endswith(sft_prompt("Q?")) and "<end_of_code>" in few
     with pytest.raises(ValueError):
@@ -101,5 +104,10 @@ def test_parse_kinds_and_output_wrapping():
     assert parse_step("\n<answer>\\boxed{2}<end_of_answer>").kind == "answer"
     assert parse_step("x = (1 +").kind == "partial"
     assert wrap_output("16\n") == "\n<output>16<end_of_output>"
-    joined = "<code>\nx=1\n<end_of_step>" + "\nprint(x)\n<end_of_code>" + wrap_output("1") + "\n<answer>\\boxed{1}<end_of_answer>"
+    joined = (
+        "<code>\nx=1\n<end_of_step>"
+        + "\nprint(x)\n<end_of_code>"
+        + wrap_output("1")
+        + "\n<answer>\\boxed{1}<end_of_answer>"
+    )
     assert [parse_step(s).kind for s in split_steps(joined)] == ["code", "code_end", "answer"]

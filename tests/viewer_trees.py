@@ -105,8 +105,11 @@ def grow(
         return -1.0
 
     # One rollout: select by UCT down to a node not yet expanded, then expand and descend
-    # (first child) until a terminal, whose value is backed up: the authors' MCTS.
-    while len(tree.nodes) < n_nodes:
+    # (first child) until a terminal, whose value is backed up: the authors' MCTS. Bounded:
+    # once every branch ends in a terminal, rollouts add no node and the tree stays smaller.
+    for _ in range(20 * n_nodes):
+        if len(tree.nodes) >= n_nodes:
+            break
         node = tree.root
         while node.expanded and node.children:
             node = select_child(tree, node, c=2.0, unvisited="inf", rng=rng)

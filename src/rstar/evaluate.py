@@ -19,18 +19,23 @@ Answers are grouped into equivalence classes with the grader (math-verify), so `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rstar import RstarError
 from rstar.config import Config, add_config_arguments
 from rstar.search.expand import best_answer_node
 from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
+
+if TYPE_CHECKING:
+    from rstar.distributed import RayOptions
 
 METRICS = ("majority", "best_of_n", "topk_vote", "topk_weighted", "pass")
 
@@ -124,18 +129,33 @@ class Trajectory:
     answer: str | None
     score: float | None  # reward-model value of the answer step
     correct: bool
+    order: int  # position in the budget axis: search index, sample index or MCTS rollout
 
 
-def trajectories(rec: dict) -> list[Trajectory]:
-    """The complete solutions a tree-file record contributes (see module docstring)."""
+def trajectories(rec: dict, unit: str = "searches") -> list[Trajectory]:
+    """The complete solutions a tree-file record contributes (see module docstring).
+
+    `unit` says what one trajectory of an MCTS record is: "searches" (the paper: each
+    independent search contributes the answer it settles on) or "rollouts" (every terminal
+    the search reached, ordered by the rollout that first reached it: "N rollouts" then
+    compares with best-of-N at the same number of complete solutions)."""
     tree = Tree.from_dict(rec["tree"])
     if rec.get("mode") == "bon":
         ends = [n for n in tree.nodes if n.is_terminal]  # in sampling order
-        return [Trajectory(n.answer, n.value, bool(n.correct)) for n in ends]
+        return [Trajectory(n.answer, n.value, bool(n.correct), i) for i, n in enumerate(ends)]
+    if rec.get("mode") == "mcts" and unit == "rollouts":
+        ends = sorted((n for n in tree.nodes if n.rollout is not None), key=lambda n: n.rollout)
+        return [Trajectory(n.answer, n.value, bool(n.correct), n.rollout) for n in ends]
     best = best_answer_node(tree)
+    i = rec.get("search_index", 0)
     if best is None:
-        return [Trajectory(None, None, False)]
-    return [Trajectory(best.answer, best.value, bool(best.correct))]
+        return [Trajectory(None, None, False, i)]
+    return [Trajectory(best.answer, best.value, bool(best.correct), i)]
+
+
+def within(trajs: list[Trajectory], k: int) -> list[Trajectory]:
+    """The trajectories a budget of k affords."""
+    return [t for t in trajs if t.order < k]
 
 
 def _classes(answers: list[str | None], same: Callable[[str, str], bool]) -> list[int]:
@@ -201,7 +221,7 @@ def metrics_at_budgets(
         totals: dict[str, Counter] = defaultdict(Counter)
         counts: Counter = Counter()
         for problem, trajs in per_problem.values():
-            verdict = select(trajs[:k], top_k, same)
+            verdict = select(within(trajs, k), top_k, same)
             for level in ("all", str(problem.get("level"))) if problem.get("level") is not None else ("all",):
                 counts[level] += 1
                 for m, ok in verdict.items():
@@ -215,15 +235,17 @@ def metrics_at_budgets(
     return out
 
 
-def group_by_problem(records: Iterable[dict]) -> dict[str, tuple[dict, list[Trajectory]]]:
-    """Trajectories of each problem, independent searches in search-index order."""
+def group_by_problem(
+    records: Iterable[dict], unit: str = "searches"
+) -> dict[str, tuple[dict, list[Trajectory]]]:
+    """Trajectories of each problem, in budget order."""
     by: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         by[rec["problem"]["id"]].append(rec)
     return {
         pid: (
             recs[0]["problem"],
-            [t for r in sorted(recs, key=lambda r: r["search_index"]) for t in trajectories(r)],
+            sorted((t for r in recs for t in trajectories(r, unit)), key=lambda t: t.order),
         )
         for pid, recs in by.items()
     }
@@ -251,9 +273,18 @@ def run_eval(
     resume: bool = False,
     policy=None,
     show_progress: bool = True,
+    mcts_unit: str = "searches",
+    ray: RayOptions | None = None,
 ) -> dict:
     """Run every setting on `problems` (max(budgets) trajectories each) and write
-    OUT/summary.json, OUT/results.jsonl; returns the summary."""
+    OUT/summary.json, OUT/results.jsonl; returns the summary.
+
+    `mcts_unit="searches"` runs max(budgets) independent MCTS searches per problem (the
+    paper's "64 trajectories"); "rollouts" runs one search of max(budgets) rollouts and
+    counts each rollout's terminal as a trajectory (equal complete solutions to best-of-N).
+
+    With `ray`, each setting's searches run on Ray actors that load the models from
+    `cfg.model` themselves (docs/RAY.md)."""
     import dataclasses
 
     from rstar.grading import Grader
@@ -263,11 +294,19 @@ def run_eval(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     k_max = max(budgets)
-    policy = policy if policy is not None else load_policy(cfg.model)
+    if ray is not None and policy is not None:
+        raise RstarError("run_eval: with ray, the actors load the policy from cfg.model; do not pass policy")
+    if ray is None:
+        policy = policy if policy is not None else load_policy(cfg.model)
+    session = contextlib.nullcontext()
+    if ray is not None:
+        from rstar.distributed import ray_session
+
+        session = ray_session(ray)  # one connection (or local Ray instance) for every setting
     summary: dict = {"budgets": budgets, "top_k": top_k, "runs": {}}
     results_path = out / "results.jsonl"
     results_path.write_text("")
-    with Grader(timeout_s=cfg.scheduler.grading_timeout_s) as grader:
+    with session, Grader(timeout_s=cfg.scheduler.grading_timeout_s) as grader:
         cache: dict[tuple[str, str], bool] = {}
 
         def same(a: str, b: str) -> bool:
@@ -279,26 +318,41 @@ def run_eval(
             search = dataclasses.replace(
                 cfg.search, mode=run.mode, trajectories=1 if run.mode == "greedy" else k_max
             )
-            if run.mode in ("mcts",):
+            if run.mode == "mcts":
+                # inference: no ground truth in the values, terminals scored by the reward model
                 search = dataclasses.replace(search, terminal_guided=False)
+                if mcts_unit == "rollouts":
+                    search = dataclasses.replace(search, rollouts=k_max, trajectories=1)
             model = dataclasses.replace(cfg.model, ppm=run.reward)
             rcfg = dataclasses.replace(cfg, search=search, model=model)
-            reward = load_reward(model) if run.reward else None
-            with open_backends(rcfg, policy=policy, reward=reward) as backends:
+            if ray is not None:
                 generate(
                     problems,
                     rcfg,
                     out / run.name,
                     resume=resume,
-                    backends=backends,
                     show_progress=show_progress,
                     description=f"eval {run.name}",
+                    ray=ray,
                 )
-            per_problem = group_by_problem(iter_records(out / run.name / "trees.jsonl"))
+            else:
+                reward = load_reward(model) if run.reward else None
+                with open_backends(rcfg, policy=policy, reward=reward) as backends:
+                    generate(
+                        problems,
+                        rcfg,
+                        out / run.name,
+                        resume=resume,
+                        backends=backends,
+                        show_progress=show_progress,
+                        description=f"eval {run.name}",
+                    )
+            per_problem = group_by_problem(iter_records(out / run.name / "trees.jsonl"), mcts_unit)
             run_budgets = [1] if run.mode == "greedy" else budgets
             summary["runs"][run.name] = {
                 "mode": run.mode,
                 "reward": run.reward,
+                "unit": mcts_unit if run.mode == "mcts" else ("samples" if run.mode == "bon" else "searches"),
                 "metrics": metrics_at_budgets(per_problem, run_budgets, top_k, same),
             }
             with open(results_path, "a") as f:
@@ -309,7 +363,7 @@ def run_eval(
                         "level": problem.get("level"),
                         "gold": problem.get("answer"),
                         "trajectories": [dataclasses.asdict(t) for t in trajs],
-                        "selected": select(trajs[:k_max], top_k, same),
+                        "selected": select(within(trajs, k_max), top_k, same),
                     }
                     f.write(json.dumps(row) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -370,6 +424,8 @@ def summary_table(summary: dict, budget: int | None = None) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rstar.distributed import add_ray_arguments  # no Ray import: that waits for a --ray run
+
     parser.add_argument(
         "--benchmark", required=True, help=f"a name ({', '.join(['world', *BENCHMARKS])}) or a problem file"
     )
@@ -381,6 +437,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-k", type=int, default=4, help="trajectories in the paper's final vote (4-8)")
     parser.add_argument(
+        "--mcts-unit",
+        choices=["searches", "rollouts"],
+        default="searches",
+        help="an MCTS trajectory: an independent search (paper) or one rollout of a single search",
+    )
+    parser.add_argument(
         "--ablation",
         default="",
         metavar="NAME=DIR,...",
@@ -391,11 +453,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="only the first N problems")
     parser.add_argument("--data-dir", help="directory of local benchmark files (also $RSTAR_DATA_DIR)")
     add_config_arguments(parser, default_preset="eval")
+    add_ray_arguments(parser)
     parser.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
     from rstar.config import config_from_args
+    from rstar.distributed import ray_options_from_args
 
     args.overrides = [f"model.policy={json.dumps(args.policy)}", *args.overrides]
     cfg = config_from_args(args)
@@ -414,7 +478,17 @@ def _cli(args: argparse.Namespace) -> int:
             raise RstarError(f"--ablation {item!r}: expected NAME=DIR")
         runs.append(EvalRun(name=f"mcts-{name.strip()}", mode="mcts", reward=path.strip()))
     problems = load_benchmark(args.benchmark, args.data_dir, args.limit)
-    summary = run_eval(problems, cfg, runs, budgets, args.out, top_k=args.top_k, resume=args.resume)
+    summary = run_eval(
+        problems,
+        cfg,
+        runs,
+        budgets,
+        args.out,
+        top_k=args.top_k,
+        resume=args.resume,
+        mcts_unit=args.mcts_unit,
+        ray=ray_options_from_args(args),
+    )
     scaling_plot(summary, Path(args.out) / "scaling.png", title=f"{args.benchmark}")
     table = summary_table(summary)
     (Path(args.out) / "summary.md").write_text(table + "\n")

@@ -28,6 +28,11 @@ def _acc(summary: dict, run: str, level: str | None = None) -> float | None:
     return m[RULE[run]]
 
 
+def level_coverage(round_data: dict, level: str) -> float | None:
+    """Share of a level's training problems with a correct trajectory (rstar extract coverage)."""
+    return round_data["coverage"].get("by_level", {}).get(level, {}).get("coverage")
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -46,7 +51,7 @@ def collect(state: dict) -> dict:
         tr = (stages.get(f"round{r}/train") or {}).get("result") or {}
         ev = (stages.get(f"round{r}/eval") or {}).get("result") or {}
         cov = ex.get("coverage", {})
-        levels |= set(cov.get("levels", {}))
+        levels |= {lv for lv in cov.get("by_level", {}) if lv != "none"}
         for run in ev.get("runs", {}).values():
             levels |= set(run["metrics"][max(run["metrics"], key=int)]["levels"])
         out["rounds"].append(
@@ -81,13 +86,9 @@ def markdown(data: dict, total_s: float) -> str:
     lines += ["| round | " + " | ".join(f"level {lv}" for lv in levels) + " | all | SFT records | pairs |"]
     lines += ["|" + " --- |" * (len(levels) + 4)]
     for r in data["rounds"]:
-        cov = r["coverage"]
-        cells = [_pct(cov.get("levels", {}).get(lv)) for lv in levels]
-        lines.append(
-            f"| {r['round']} | "
-            + " | ".join(cells)
-            + f" | {_pct(cov.get('all'))} | {r['sft_records']} | {r['pairs']} |"
-        )
+        cells = [_pct(level_coverage(r, lv)) for lv in levels]
+        total = _pct(r["coverage"].get("coverage"))
+        lines.append(f"| {r['round']} | " + " | ".join(cells) + f" | {total} | {r['sft_records']} | {r['pairs']} |")
     lines += ["", "## Test accuracy (%)", ""]
     n = next((r["eval_samples"] for r in data["rounds"] if r["eval_samples"]), None)
     lines += [
@@ -134,7 +135,7 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     for lv in data["levels"]:
-        ys = [100 * (r["coverage"].get("levels", {}).get(lv) or 0) for r in data["rounds"]]
+        ys = [100 * (level_coverage(r, lv) or 0) for r in data["rounds"]]
         ax.plot(rounds, ys, marker="o", label=f"level {lv}")
     ax.set(title="training-set coverage", xlabel="round", ylabel="% problems solved by search", xticks=rounds)
     ax.legend(fontsize=8)

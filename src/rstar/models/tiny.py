@@ -60,6 +60,15 @@ SIZES: dict[str, dict[str, int]] = {
         num_key_value_heads=2,
         intermediate_size=384,
     ),
+    # the embedded demo's policy (~1.3M with its 900-token vocabulary): two more layers than
+    # "tiny", which copying numbers from the question into code needs
+    "demo": dict(
+        hidden_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=448,
+    ),
     "small": dict(
         hidden_size=256,
         num_hidden_layers=6,

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rstar import RstarError
 from rstar.config import Config, add_config_arguments, config_from_args
@@ -23,6 +24,9 @@ from rstar.search.expand import derive_seed, needs_reward
 from rstar.search.scheduler import Backends, Job, Stats, run_jobs
 from rstar.search.tree import Tree
 from rstar.search.treefile import TreeFileWriter, open_for_resume, versions
+
+if TYPE_CHECKING:
+    from rstar.distributed import RayOptions
 
 
 def searches_per_problem(cfg: Config) -> int:
@@ -93,16 +97,11 @@ def record(job: Job, tree: Tree, info: dict, cfg: Config, vers: dict) -> dict:
     }
 
 
-def generate(
-    problems: list,
-    cfg: Config,
-    out_dir: str | Path,
-    resume: bool = False,
-    backends: Backends | None = None,
-    show_progress: bool = True,
-    description: str = "generate",
-) -> Stats:
-    """Search every problem (x searches_per_problem) into OUT/trees.jsonl; resumable."""
+def prepare_run(
+    problems: list, cfg: Config, out_dir: str | Path, resume: bool, extra: dict | None = None
+) -> tuple[Path, list[Job], dict]:
+    """Check OUT (an existing run needs `resume`), cut a partial last line off its tree file,
+    write run.json; return (OUT, the jobs not yet done, versions). Shared with the Ray runner."""
     out = Path(out_dir)
     trees_path = out / "trees.jsonl"
     if trees_path.exists() and trees_path.stat().st_size and not resume:
@@ -114,8 +113,33 @@ def generate(
     jobs = make_jobs(problems, cfg, skip=done)
     vers = versions()
     (out / "run.json").write_text(
-        json.dumps({"config": cfg.to_dict(), "versions": vers, "argv": sys.argv}, indent=2)
+        json.dumps({"config": cfg.to_dict(), "versions": vers, "argv": sys.argv, **(extra or {})}, indent=2)
     )
+    return out, jobs, vers
+
+
+def generate(
+    problems: list,
+    cfg: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    backends: Backends | None = None,
+    show_progress: bool = True,
+    description: str = "generate",
+    ray: RayOptions | None = None,
+) -> Stats:
+    """Search every problem (x searches_per_problem) into OUT/trees.jsonl; resumable.
+    With `ray`, the searches run on Ray actors that build their own backends (docs/RAY.md)."""
+    if ray is not None:
+        if backends is not None:
+            raise RstarError("generate: with ray, each actor builds its own backends; do not pass backends")
+        from rstar.distributed import generate_ray
+
+        return generate_ray(
+            problems, cfg, out_dir, resume, ray, show_progress=show_progress, description=description
+        )
+    out, jobs, vers = prepare_run(problems, cfg, out_dir, resume)
+    trees_path = out / "trees.jsonl"
     if not jobs:
         return Stats()
     with contextlib.ExitStack() as stack:
@@ -166,6 +190,8 @@ def config_with_model_args(args: argparse.Namespace) -> Config:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rstar.distributed import add_ray_arguments  # no Ray import: that waits for a --ray run
+
     parser.add_argument(
         "--problems", required=True, help="problem file (.json/.jsonl) or hf:NAME[:CONFIG][:SPLIT]"
     )
@@ -176,14 +202,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="only the first N problems")
     add_model_arguments(parser)
     add_config_arguments(parser, default_preset="round2")
+    add_ray_arguments(parser)
     parser.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
     from rstar.data.problems import load_problems
+    from rstar.distributed import ray_options_from_args
 
     cfg = config_with_model_args(args)
     problems = load_problems(args.problems, limit=args.limit)
-    stats = generate(problems, cfg, args.out, resume=args.resume)
+    stats = generate(problems, cfg, args.out, resume=args.resume, ray=ray_options_from_args(args))
     print(json.dumps(stats.as_dict()))
     return 0

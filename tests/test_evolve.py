@@ -1,0 +1,88 @@
+"""`rstar evolve --quick` end to end in a real subprocess: killed (kill -9) in the middle,
+resumed, and every stage's artifacts checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rstar.data.problems import load_problems
+from rstar.search.tree import Tree
+from rstar.search.treefile import iter_records
+
+
+def evolve_cmd(run: Path) -> list[str]:
+    return [sys.executable, "-m", "rstar.cli", "evolve", "--quick", "--run-dir", str(run)]
+
+
+def stages(run: Path) -> dict:
+    try:
+        return json.loads((run / "state.json").read_text())["stages"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_quick_evolve_killed_and_resumed(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(evolve_cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while "round1/extract" not in stages(run):
+            assert proc.poll() is None, "evolve ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = stages(run)
+    assert "round4/eval" not in before
+
+    done = subprocess.run(evolve_cmd(run), env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = stages(run)
+    for name, info in before.items():  # finished stages were not run again
+        assert after[name] == info
+    expected = ["problems", "pretrain", "eval_base"] + [
+        f"round{r}/{s}" for r in range(1, 5) for s in ("generate", "extract", "train", "eval")
+    ]
+    assert list(after) == expected
+
+    # problems and the seed set
+    train = load_problems(run / "problems" / "train.jsonl")
+    test = load_problems(run / "problems" / "test.jsonl")
+    assert {p.level for p in train} == {"1", "2", "3", "4"} and test
+    seed = [json.loads(x) for x in (run / "problems" / "seed_sft.jsonl").read_text().splitlines()]
+    assert seed and not {r["query"] for r in seed} & {p.question for p in train}
+
+    models = run / "models"
+    for r in range(1, 5):
+        rd = run / f"round{r}"
+        recs = list(iter_records(rd / "trees.jsonl"))
+        keys = [rec["key"] for rec in recs]
+        assert sorted(keys) == sorted(f"{p.id}#0" for p in train)  # every problem once
+        for rec in recs:
+            Tree.from_dict(rec["tree"])
+        assert (rd / "sft.jsonl").exists() and (rd / "pairs.jsonl").exists()
+        assert json.loads((models / f"policy_r{r}" / "config.json").read_text())["model_type"] == "qwen2"
+        trained = after[f"round{r}/train"]["result"]
+        if "skipped" in trained["ppm"]:
+            assert not (rd / "pairs.jsonl").read_text().strip()
+        else:
+            assert json.loads((models / f"ppm_r{r}" / "config.json").read_text())["rstar_reward"]["kind"] == "ppm"
+        summary = json.loads((rd / "eval" / "summary.json").read_text())
+        assert "greedy" in summary["runs"]
+
+    report = json.loads((run / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
+    assert all("coverage" in r["coverage"] for r in report["rounds"])
+    md = (run / "report.md").read_text()
+    assert "coverage" in md and "Test accuracy" in md and (run / "report.png").stat().st_size > 10_000
+    assert "## Time per stage" in md
