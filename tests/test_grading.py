@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from rstar.cli import main as cli_main
-from rstar.grading import Grader, GradeResult, is_equivalent, last_boxed, normalize_answer_string
+from rstar.grading import Grader, GradeResult, is_equivalent, normalize_answer_string
+from rstar.steps import extract_boxed
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
 BENCH_FILES = ["math500_test.json", "aime2024_test.json", "amc23_test.json", "GSM8K_test.json"]
@@ -281,13 +282,16 @@ def test_closed_grader_refuses_work():
         g.grade("1", "1")
 
 
-def test_last_boxed():
-    assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
-    assert last_boxed("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}") == "\\left( 3, \\frac{\\pi}{2} \\right)"
-    assert last_boxed("so \\boxed 5.") == "5."
-    assert last_boxed("\\fbox{7}") == "7"
-    assert last_boxed("no box") is None
-    assert last_boxed("\\boxed{\\frac{1}{2}") == "\\frac{1}{2}"  # unbalanced: the rest
+def test_extract_boxed_as_the_grader_uses_it():
+    assert extract_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert (
+        extract_boxed("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}") == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    )
+    assert extract_boxed("so \\boxed 5.") == "5."
+    assert extract_boxed("\\fbox{7}") == "7"
+    assert extract_boxed("no box") is None
+    assert extract_boxed("\\boxed{\\frac{1}{2}", partial=True) == "\\frac{1}{2}"  # unbalanced: the rest
+    assert extract_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"  # escaped braces are characters
 
 
 # -- CLI -------------------------------------------------------------------------------------

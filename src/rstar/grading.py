@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from rstar.steps import extract_boxed
+
 # Reasons a GradeResult can carry. Only the "settled" ones are cached by the parent: a timeout
 # or a dead worker may go differently next time (the machine was loaded, a worker was killed).
 REASON_OK = "ok"  # math-verify ran to the end; `equivalent` is its verdict
@@ -448,33 +450,10 @@ def is_equivalent(gold: str, pred: str, timeout_s: float = 5.0) -> bool:
 # ----------------------------------------------------------------------------------------------
 # String helpers (used by the worker; pure functions, importable without math-verify).
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`) in text, else None."""
-    starts = [m for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    m = starts[-1]
-    i = m.end()
-    if i < len(text) and text[i] == "{":
-        depth = 0
-        for j in range(i, len(text)):
-            if text[j] == "{" and (j == 0 or text[j - 1] != "\\"):
-                depth += 1
-            elif text[j] == "}" and text[j - 1] != "\\":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1 : j].strip()
-        return text[i + 1 :].strip()  # unbalanced: take the rest rather than nothing
-    tok = re.match(r"[^\s$]+", text[i:])  # `\boxed 5`
-    return tok.group(0) if tok else None
-
 
 def _wire_pred(pred: str) -> str:
     """What the worker needs of pred: `\\boxed{last box}` if it has one, else all of it."""
-    boxed = last_boxed(pred) if "box" in pred else None
+    boxed = extract_boxed(pred, partial=True) if "box" in pred else None
     return pred if boxed is None else "\\boxed{" + boxed + "}"
 
 
@@ -618,7 +597,7 @@ class _WorkerChecker:
 
     def _check(self, gold: str, pred: str, t: int) -> tuple[bool, str]:
         gold, pred = gold.strip(), pred.strip()
-        boxed = last_boxed(pred)
+        boxed = extract_boxed(pred, partial=True)
         answer = boxed if boxed is not None else pred
         if not gold or not answer:
             return False, REASON_PARSE
