@@ -714,6 +714,15 @@ def _enter_root_namespaces(spec: dict, report: dict) -> bool:
         report["hidden"] = report.get("hidden", []) + [hidden]
     for fd in sources.values():
         os.close(fd)
+    # The private /tmp below would hide an interpreter or virtual environment that lives
+    # under it (a checkout in /tmp, as CI may use): keep handles on those directories and
+    # bind them back, read-only, into the new tmpfs.
+    private = ("/tmp", "/var/tmp", "/dev/shm")
+    below = _topmost(
+        [p for p in _interpreter_dirs() if any(p == d or p.startswith(d + "/") for d in private)]
+    )
+    kept = {path: os.open(path, os.O_PATH) for path in below}
+    _PRESERVED[:] = below  # the scratch cleaner must leave them (and the directories above them) alone
     size = f"size={spec['tmpfs_mb']}m,nr_inodes=8192,mode=1777"
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, size)
     for path in ("/var/tmp", "/dev/shm"):
@@ -723,6 +732,12 @@ def _enter_root_namespaces(spec: dict, report: dict) -> bool:
             os.chmod(host, 0o1777)
             with contextlib.suppress(OSError):
                 _mount(host, path, None, MS_BIND)
+    for path, fd in kept.items():
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        with contextlib.suppress(OSError):
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        os.close(fd)
     pid = os.fork()
     if pid:  # the original process: wait for PID 1 and exit with it
         os.closerange(3, 1 << 16)
@@ -741,12 +756,26 @@ def _enter_root_namespaces(spec: dict, report: dict) -> bool:
     return True
 
 
-def _interpreter_exposures() -> dict[str, list[str]]:
-    """{directory others cannot enter: [the interpreter's directories below it]}."""
+# Interpreter directories bound back into the private /tmp (set in the worker's namespace).
+_PRESERVED: list[str] = []
+
+
+def _interpreter_dirs() -> list[str]:
+    """The real paths of the interpreter's prefixes and import path (what programs import from)."""
     wanted = {sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix}
     wanted |= {p for p in sys.path if p and os.path.isdir(p)}
+    return sorted({os.path.realpath(p) for p in wanted})
+
+
+def _topmost(paths: list[str]) -> list[str]:
+    """Drop the paths that lie inside another one (a bind mount of /a/b already holds /a/b/c)."""
+    return [p for p in sorted(paths) if not any(p != q and p.startswith(q + "/") for q in paths)]
+
+
+def _interpreter_exposures() -> dict[str, list[str]]:
+    """{directory others cannot enter: [the interpreter's directories below it]}."""
     out: dict[str, set[str]] = {}
-    for path in sorted(os.path.realpath(p) for p in wanted):
+    for path in _interpreter_dirs():
         parts = Path(path).parts
         for i in range(2, len(parts) + 1):
             ancestor = str(Path(*parts[:i]))
@@ -754,11 +783,7 @@ def _interpreter_exposures() -> dict[str, list[str]]:
                 if ancestor != path:
                     out.setdefault(ancestor, set()).add(path)
                 break
-    # Keep only the top-most directories (a bind mount of /a/b already holds /a/b/c).
-    return {
-        hidden: [p for p in sorted(paths) if not any(p != q and p.startswith(q + "/") for q in paths)]
-        for hidden, paths in out.items()
-    }
+    return {hidden: _topmost(list(paths)) for hidden, paths in out.items()}
 
 
 def _enter_user_network_namespace(report: dict) -> None:
@@ -1018,6 +1043,8 @@ def _clean_scratch(st: _WorkerState) -> None:
         for e in entries:
             if e.path in ("/tmp/.rstar", "/tmp/.shm", "/tmp/.vartmp"):
                 continue
+            if any(p == e.path or p.startswith(e.path + "/") for p in _PRESERVED):
+                continue  # root-owned and read-only: programs cannot have written there
             try:
                 if e.is_dir(follow_symlinks=False):
                     shutil.rmtree(e.path, onerror=_force_remove)
