@@ -200,3 +200,16 @@ def test_generate_writes_and_resumes_tree_files(tmp_path, sandbox, grader):
     # without --resume an existing run is not overwritten
     with pytest.raises(ValueError, match="--resume"):
         generate(probs, cfg, tmp_path, backends=backends, show_progress=False)
+
+
+def test_solve_prints_the_chosen_trajectory(sandbox, grader):
+    from rstar.search.solve import format_trajectory, solve
+
+    cfg = load_config("eval", overrides=["search.rollouts=6", "search.num_samples=4"])
+    backends = Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader, reward=ScriptedReward())
+    tree = solve("What is 20 + 22?", cfg, backends, gold="42")
+    text = format_trajectory(tree)
+    assert "x = 20 + 22" in text and "=== answer: 42 (correct)" in text
+    assert "[code_end]" in text and "<output>42<end_of_output>" in text
+    with pytest.raises(ValueError, match="needs a reward model"):
+        solve("What is 1 + 2?", cfg, Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader))
