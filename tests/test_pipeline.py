@@ -35,38 +35,137 @@ def test_generate_extract_train_generate_again(tmp_path):
     # A policy that has nearly memorised these four solutions: sampling then produces both
     # right and wrong steps, which is what preference pairs need.
     build_tiny_policy(tmp_path / "init", tokenizer_corpus(world, n=200), size="tiny", vocab_size=700)
-    cfg = TrainConfig(learning_rate=5e-3, epochs=100, batch_size=8, micro_batch_size=8, max_length=512, eval_fraction=0)
+    cfg = TrainConfig(
+        learning_rate=5e-3, epochs=100, batch_size=8, micro_batch_size=8, max_length=512, eval_fraction=0
+    )
     train_sft(seed_sft_records(problems) * 8, tmp_path / "init", tmp_path / "policy0", cfg, max_steps=120)
 
-    search = ["--set", "search.num_samples=4", "--set", "search.max_new_tokens=64", "--set", "search.temperature=1.2",
-              "--set", "search.top_p=1.0", "--set", "model.cpu_threads=1"]
+    search = [
+        "--set",
+        "search.num_samples=4",
+        "--set",
+        "search.max_new_tokens=64",
+        "--set",
+        "search.temperature=1.2",
+        "--set",
+        "search.top_p=1.0",
+        "--set",
+        "model.cpu_threads=1",
+    ]
     gen1 = tmp_path / "round2"
-    assert main(["generate", "--problems", str(pfile), "--policy", str(tmp_path / "policy0"), "--preset", "round2",
-                 "--set", "search.rollouts=6", *search, "--out", str(gen1)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--problems",
+                str(pfile),
+                "--policy",
+                str(tmp_path / "policy0"),
+                "--preset",
+                "round2",
+                "--set",
+                "search.rollouts=6",
+                *search,
+                "--out",
+                str(gen1),
+            ]
+        )
+        == 0
+    )
     recs = list(iter_records(gen1 / "trees.jsonl"))
     assert len(recs) == 4 and all(r["config"]["search"]["rollouts"] == 6 for r in recs)
     assert any(r["correct"] for r in recs), "the memorising policy should solve some problem"
 
     assert main(["extract", "sft", str(gen1), "--out", str(tmp_path / "sft.jsonl")]) == 0
-    assert main(["extract", "ppm", str(gen1), "--out", str(tmp_path / "pairs.jsonl"),
-                 "--min-margin", "0", "--min-edit-distance", "0"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "ppm",
+                str(gen1),
+                "--out",
+                str(tmp_path / "pairs.jsonl"),
+                "--min-margin",
+                "0",
+                "--min-edit-distance",
+                "0",
+            ]
+        )
+        == 0
+    )
     sft = [json.loads(x) for x in (tmp_path / "sft.jsonl").read_text().splitlines()]
     pairs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert sft and all(r["response"].startswith("<code>") for r in sft)
     assert pairs and all(set(r) == {"prompt", "pos", "neg", "pos_count", "neg_count"} for r in pairs)
 
-    assert main(["train", "sft", str(tmp_path / "sft.jsonl"), "--model", str(tmp_path / "policy0"),
-                 "--out", str(tmp_path / "policy1"), "--max-steps", "4", "--batch-size", "4",
-                 "--micro-batch-size", "4", "--lr", "1e-3"]) == 0
-    assert main(["train", "ppm", str(tmp_path / "pairs.jsonl"), "--model", str(tmp_path / "policy1"),
-                 "--out", str(tmp_path / "ppm1"), "--max-steps", "4", "--batch-size", "4",
-                 "--micro-batch-size", "4", "--lr", "1e-3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "sft",
+                str(tmp_path / "sft.jsonl"),
+                "--model",
+                str(tmp_path / "policy0"),
+                "--out",
+                str(tmp_path / "policy1"),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "4",
+                "--micro-batch-size",
+                "4",
+                "--lr",
+                "1e-3",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "ppm",
+                str(tmp_path / "pairs.jsonl"),
+                "--model",
+                str(tmp_path / "policy1"),
+                "--out",
+                str(tmp_path / "ppm1"),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "4",
+                "--micro-batch-size",
+                "4",
+                "--lr",
+                "1e-3",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "ppm1" / "metrics.json").exists()
 
     gen2 = tmp_path / "round3"
-    assert main(["generate", "--problems", str(pfile), "--policy", str(tmp_path / "policy1"),
-                 "--ppm", str(tmp_path / "ppm1"), "--preset", "round3", "--set", "search.rollouts=3", *search,
-                 "--out", str(gen2)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--problems",
+                str(pfile),
+                "--policy",
+                str(tmp_path / "policy1"),
+                "--ppm",
+                str(tmp_path / "ppm1"),
+                "--preset",
+                "round3",
+                "--set",
+                "search.rollouts=3",
+                *search,
+                "--out",
+                str(gen2),
+            ]
+        )
+        == 0
+    )
     recs = list(iter_records(gen2 / "trees.jsonl"))
     assert len(recs) == 4
     for rec in recs:
@@ -74,3 +173,41 @@ def test_generate_extract_train_generate_again(tmp_path):
         scored = [n for n in tree.nodes[1:]]
         assert scored and all(n.value is not None and -1 <= n.value <= 1 for n in scored)
         assert rec["config"]["search"]["ppm_init"] is True
+
+    # evaluation with the new models: every mode, two budgets, from one run per mode
+    out = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "eval",
+                "--benchmark",
+                str(pfile),
+                "--policy",
+                str(tmp_path / "policy1"),
+                "--ppm",
+                str(tmp_path / "ppm1"),
+                "--mode",
+                "greedy,bon,mcts",
+                "--trajectories",
+                "1,2",
+                "--top-k",
+                "2",
+                "--ablation",
+                f"again={tmp_path / 'ppm1'}",
+                "--out",
+                str(out),
+                *search,
+                "--set",
+                "search.rollouts=2",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"greedy", "bon-ppm", "mcts-ppm", "mcts-again"}
+    assert set(summary["runs"]["bon-ppm"]["metrics"]) == {"1", "2"}
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 4 and all("trajectories" in r and "selected" in r for r in rows)
+    assert (out / "scaling.png").stat().st_size > 5000 and "| mcts-ppm | mcts |" in (
+        out / "summary.md"
+    ).read_text()
