@@ -151,6 +151,21 @@ def test_greedy_is_the_same_alone_and_in_a_padded_batch(trained) -> None:
         )
 
 
+def test_shared_prefix_prefill_changes_nothing_but_speed(trained) -> None:
+    model, tok = trained
+    examples = json.loads(SFT_EXAMPLES.read_text())
+    prompts = [HEADER, HEADER + STEP * 2] + [steps.sft_prompt(e["query"]) for e in examples[:3]]
+    # n > 1 requests of prompts of different lengths, so rows share prompts and padding
+    reqs = [GenRequest(p, n=3, max_new_tokens=16, temperature=0.0, stop=steps.STOP_STRINGS) for p in prompts]
+    reqs.append(GenRequest(prompts[2], n=1, max_new_tokens=16, temperature=0.0, stop=steps.STOP_STRINGS))
+
+    def run(share: bool) -> list:
+        out = HFPolicy(model, tokenizer=tok, max_batch_size=8, share_prefix=share).generate(reqs)
+        return [[(c.text, c.stop_reason, c.n_tokens) for c in cs] for cs in out]
+
+    assert run(True) == run(False)
+
+
 @pytest.mark.parametrize("stop_mode", ["tokens", "strings"])
 def test_prompt_ending_with_a_stop_tag_does_not_stop_at_once(trained, stop_mode: str) -> None:
     """Both stop paths: stop-token ids, and stop strings (which transformers also matches

@@ -128,6 +128,8 @@ class HFPolicy:
         device: "auto" (cuda if available, else cpu), or any torch device string.
         dtype: "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16" or "float16".
         max_batch_size: most sequences (request x sample rows) per `model.generate`.
+        share_prefix: encode each distinct prompt of a batch once and share its KV cache among
+            its samples (`_shared_prefill`); off = plain `generate` (for comparison).
         max_new_tokens_cap: if set, no request generates more than this many tokens.
         stop_mode: "auto" (stop-token ids when every stop string is one token, else
             stop strings), or force "tokens" / "strings" (tests use "strings" to exercise
@@ -152,6 +154,7 @@ class HFPolicy:
         device: str = "auto",
         dtype: str = "auto",
         max_batch_size: int = 64,
+        share_prefix: bool = True,
         max_new_tokens_cap: int | None = None,
         stop_mode: str = "auto",
     ) -> None:
@@ -159,6 +162,7 @@ class HFPolicy:
 
         if stop_mode not in ("auto", "tokens", "strings"):
             raise ValueError(f"stop_mode must be 'auto', 'tokens' or 'strings', got {stop_mode!r}")
+        self.share_prefix = share_prefix
         if isinstance(model, (str, Path)):
             self.device = resolve_device(device)
             self.dtype = resolve_dtype(dtype, self.device)
@@ -322,9 +326,12 @@ class HFPolicy:
         ):
             if seed is not None:
                 torch.manual_seed(seed)
+            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+            if self.share_prefix and L > 1 and len({tuple(x) for x in ids}) < B:  # some prompt repeats
+                kwargs[self._cache_kwarg()] = self._shared_prefill(ids, input_ids, attention_mask)
             out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 generation_config=config,
                 **kwargs,
             )
@@ -367,6 +374,41 @@ class HFPolicy:
             completions.append(Completion(text=text, stop_reason=reason, n_tokens=n))
             self.tokens_generated += n
         return completions
+
+    def _cache_kwarg(self) -> str:
+        """transformers 5.2x renamed the cache argument `past_key_values` to `cache`."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _shared_prefill(
+        self, ids: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Any:
+        """The KV cache of every row's prompt but its last token, computed once per distinct
+        prompt and repeated for its samples (the n samples of a request share their prompt;
+        without this, `generate` encodes the same prompt n times). transformers has no prefix
+        cache of its own (vLLM does); this is the part of one that matters here."""
+        from transformers import DynamicCache
+
+        first: dict[tuple[int, ...], int] = {}
+        index = [first.setdefault(tuple(x), i) for i, x in enumerate(ids)]
+        rows = sorted(set(index))  # one row per distinct prompt
+        pos = {r: k for k, r in enumerate(rows)}
+        u_ids, u_mask = input_ids[rows, :-1], attention_mask[rows, :-1]  # (U, L-1)
+        # generate() derives positions from the mask under left padding; the prefill must too
+        positions = (u_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        self.model(
+            input_ids=u_ids,
+            attention_mask=u_mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg(): cache},
+        )
+        cache.reorder_cache(
+            torch.tensor([pos[i] for i in index], device=input_ids.device)
+        )  # (U, ...) -> (B, ...)
+        return cache
 
 
 def _batch_seed(seeds: list[tuple[int | None, int]]) -> int | None:
