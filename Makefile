@@ -8,7 +8,7 @@ BIN = $(VENV)/bin
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,ray,server
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo eval-demo test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,20 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/rstar evolve
+
+# After `make demo`: the paper's Figure 3 (accuracy against trajectories, MCTS + PPM vs
+# best-of-N) and Table 8 (PPM vs PQM vs ORM as MCTS's reward model) on the embedded test set.
+RUN ?= runs/embedded
+AB = $(RUN)/ablation
+eval-demo: install
+	mkdir -p $(AB)
+	$(BIN)/rstar extract orm $(RUN)/round4 --out $(AB)/orm.jsonl
+	$(BIN)/rstar extract pqm $(RUN)/round4 --out $(AB)/pqm.jsonl
+	$(BIN)/rstar train ppm $(AB)/orm.jsonl --kind orm --model $(RUN)/models/policy_r4 --out $(AB)/orm --preset embedded
+	$(BIN)/rstar train ppm $(AB)/pqm.jsonl --kind pqm --model $(RUN)/models/policy_r4 --out $(AB)/pqm --preset embedded
+	$(BIN)/rstar eval --benchmark $(RUN)/problems/test.jsonl --policy $(RUN)/models/policy_r4 \
+		--ppm $(RUN)/models/ppm_r4 --mode greedy,bon,mcts --mcts-unit rollouts --trajectories 1,2,4,8,16 \
+		--ablation pqm=$(AB)/pqm,orm=$(AB)/orm --preset embedded --out $(RUN)/eval
 
 test: install
 	$(BIN)/python -m pytest -q
