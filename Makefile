@@ -33,7 +33,7 @@ eval-demo: install
 	$(BIN)/rstar train ppm $(AB)/orm.jsonl --kind orm --model $(RUN)/models/policy_r4 --out $(AB)/orm --preset embedded
 	$(BIN)/rstar train ppm $(AB)/pqm.jsonl --kind pqm --model $(RUN)/models/policy_r4 --out $(AB)/pqm --preset embedded
 	$(BIN)/rstar eval --benchmark $(RUN)/problems/test.jsonl --policy $(RUN)/models/policy_r4 \
-		--ppm $(RUN)/models/ppm_r4 --mode greedy,bon,mcts --mcts-unit rollouts --trajectories 1,2,4,8,16 \
+		--ppm $(RUN)/models/ppm_r4 --mode greedy,bon,mcts --mcts-unit rollouts --trajectories 1,2,4,8 \
 		--ablation pqm=$(AB)/pqm,orm=$(AB)/orm --preset embedded --out $(RUN)/eval
 
 test: install
