@@ -213,3 +213,20 @@ def test_solve_prints_the_chosen_trajectory(sandbox, grader):
     assert "[code_end]" in text and "<output>42<end_of_output>" in text
     with pytest.raises(ValueError, match="needs a reward model"):
         solve("What is 1 + 2?", cfg, Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader))
+
+
+class _Misleading(ScriptedReward):
+    """A reward model that prefers wrong answers."""
+
+    def score(self, prefixes, steps):
+        return [-v for v in super().score(prefixes, steps)]
+
+
+def test_data_generation_settles_by_q_even_with_ppm_values(sandbox, grader):
+    # round 3: q is PPM-initialised, but the answer a data-generation search settles on comes
+    # from the graded terminal values, however the PPM scores it
+    cfg = load_config("round3", overrides=["search.rollouts=8", "search.num_samples=4"])
+    backends = Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader, reward=_Misleading())
+    [(job, tree, info)] = search(cfg, backends, problems(1))
+    assert info["correct"] is True and info["answer"] == job.problem.answer
+    assert best_answer_node(tree, by_value=True).correct is False  # what the PPM alone would pick

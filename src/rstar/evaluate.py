@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rstar import RstarError
-from rstar.config import Config, add_config_arguments
-from rstar.search.expand import best_answer_node
+from rstar.config import Config, SearchConfig, add_config_arguments, from_dict
+from rstar.search.expand import best_answer_node, settles_by_value
 from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
 
@@ -146,11 +146,18 @@ def trajectories(rec: dict, unit: str = "searches") -> list[Trajectory]:
     if rec.get("mode") == "mcts" and unit == "rollouts":
         ends = sorted((n for n in tree.nodes if n.rollout is not None), key=lambda n: n.rollout)
         return [Trajectory(n.answer, n.value, bool(n.correct), n.rollout) for n in ends]
-    best = best_answer_node(tree)
+    best = best_answer_node(tree, record_by_value(rec))
     i = rec.get("search_index", 0)
     if best is None:
         return [Trajectory(None, None, False, i)]
     return [Trajectory(best.answer, best.value, bool(best.correct), i)]
+
+
+def record_by_value(rec: dict) -> bool | None:
+    """How the search of a tree-file record settled on its answer (None: unknown, decide from
+    the tree)."""
+    search = rec.get("config", {}).get("search")
+    return settles_by_value(from_dict(SearchConfig, search)) if search else None
 
 
 def within(trajs: list[Trajectory], k: int) -> list[Trajectory]:

@@ -88,7 +88,9 @@ def markdown(data: dict, total_s: float) -> str:
     for r in data["rounds"]:
         cells = [_pct(level_coverage(r, lv)) for lv in levels]
         total = _pct(r["coverage"].get("coverage"))
-        lines.append(f"| {r['round']} | " + " | ".join(cells) + f" | {total} | {r['sft_records']} | {r['pairs']} |")
+        lines.append(
+            f"| {r['round']} | " + " | ".join(cells) + f" | {total} | {r['sft_records']} | {r['pairs']} |"
+        )
     lines += ["", "## Test accuracy (%)", ""]
     n = next((r["eval_samples"] for r in data["rounds"] if r["eval_samples"]), None)
     lines += [
@@ -170,13 +172,14 @@ def write_report(run: Path, state: dict, total_s: float) -> dict:
 
 
 def _write_viewer(run: Path, r: int, n: int = 12) -> Path | None:
-    """A few of the last round's trees (solved and unsolved, hardest levels first) as HTML."""
+    """A few of the last round's trees (all its passes), hardest levels first and solved
+    before unsolved, as HTML."""
     from rstar.search.treefile import iter_records
 
-    path = run / f"round{r}" / "trees.jsonl"
-    if not path.exists():
+    paths = [run / f"round{r}" / "trees.jsonl", *sorted((run / f"round{r}").glob("extra*/trees.jsonl"))]
+    recs = [rec for p in paths if p.exists() for rec in iter_records(p)]
+    if not recs:
         return None
-    recs = list(iter_records(path))
     recs.sort(key=lambda rec: (-(int(rec["problem"].get("level") or 0)), not rec.get("correct")))
     try:
         from rstar.view import write_viewer

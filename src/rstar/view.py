@@ -119,13 +119,13 @@ def _finite(x):
     return x
 
 
-def chosen_path(tree: dict) -> list[int]:
+def chosen_path(tree: dict, by_value: bool | None = None) -> list[int]:
     """Ids from the root down to the answer the search settles on (`best_answer_node`)."""
     from rstar.search.expand import best_answer_node
     from rstar.search.tree import Tree
 
     t = Tree.from_dict(tree)
-    node = best_answer_node(t)
+    node = best_answer_node(t, by_value)
     if node is None:
         return []
     return [0] + [n.id for n in t.path(node)]
@@ -141,7 +141,9 @@ def _page_record(rec: dict, where: str) -> dict:
             raise ViewerError(f"{where}: record {rec.get('key')!r}: node {i} has id {n.get('id')!r}")
         nodes.append({f: _finite(n[f]) for f in NODE_FIELDS if f in n and n[f] is not None})
     try:
-        chosen = chosen_path(tree)
+        from rstar.evaluate import record_by_value
+
+        chosen = chosen_path(tree, record_by_value(rec))
     except (TypeError, KeyError) as e:  # a tree that does not load as rstar's Tree
         raise ViewerError(f"{where}: record {rec.get('key')!r}: bad tree ({e})") from e
     out = {f: rec.get(f) for f in RECORD_FIELDS}

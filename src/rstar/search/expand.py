@@ -204,11 +204,21 @@ def needs_reward(cfg: SearchConfig) -> bool:
     return False
 
 
-def best_answer_node(tree: Tree) -> Node | None:
+def settles_by_value(cfg: SearchConfig) -> bool:
+    """Whether a search picks its answer by reward value (inference: best-of-N, beam search,
+    MCTS without ground truth) rather than by Q (data generation: terminal-guided MCTS,
+    whose Q values come from the graded answers even when q was PPM-initialised)."""
+    return not (cfg.mode == "mcts" and cfg.terminal_guided)
+
+
+def best_answer_node(tree: Tree, by_value: bool | None = None) -> Node | None:
     """The answer a search settles on: the answer terminal with the highest reward value
-    (inference), else the highest Q (data generation), ties broken by visits."""
+    (`by_value`) or the highest Q, ties broken by visits. `by_value=None` decides from the
+    tree (values on every answer: by value), for readers that have only the tree."""
     answers = tree.answers()
     if not answers:
         return None
-    key = (lambda n: (n.value, n.N)) if all(n.value is not None for n in answers) else (lambda n: (n.Q, n.N))
+    has_values = all(n.value is not None for n in answers)
+    use_value = has_values if by_value is None else by_value and has_values
+    key = (lambda n: (n.value, n.N)) if use_value else (lambda n: (n.Q, n.N))
     return max(answers, key=key)

@@ -26,7 +26,15 @@ from typing import Any
 from rstar.config import Config
 from rstar.models.base import Policy, RewardModel
 from rstar.search import SEARCHES
-from rstar.search.expand import Execute, Generate, Grade, Score, SearchContext, best_answer_node
+from rstar.search.expand import (
+    Execute,
+    Generate,
+    Grade,
+    Score,
+    SearchContext,
+    best_answer_node,
+    settles_by_value,
+)
 from rstar.search.tree import Tree
 
 # How long the loop lets sandbox/grading futures finish before it calls the model without
@@ -125,7 +133,7 @@ def run_jobs(
             if on_error:
                 on_error(act.job, error)
             return
-        best = best_answer_node(tree)
+        best = best_answer_node(tree, settles_by_value(cfg.search))
         info = {
             "seconds": round(time.perf_counter() - act.started, 3),
             "nodes": len(tree.nodes) - 1,

@@ -38,8 +38,8 @@ def solve(question: str, cfg: Config, backends: Backends, gold: str = "") -> Tre
     return trees[0]
 
 
-def format_trajectory(tree: Tree) -> str:
-    best = best_answer_node(tree)
+def format_trajectory(tree: Tree, by_value: bool | None = None) -> str:
+    best = best_answer_node(tree, by_value)
     if best is None:
         return f"no answer found ({len(tree.nodes) - 1} nodes searched)\n"
     lines = []
