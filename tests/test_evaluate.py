@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import BENCHMARKS
 from rstar.evaluate import (
     Trajectory,
     metrics_at_budgets,
@@ -121,10 +122,9 @@ def _m(x: float) -> dict:
 
 @pytest.mark.parametrize("name", ["math500", "aime2024", "amc23", "gsm8k"])
 def test_benchmarks_by_name_from_a_local_directory(name):
-    from pathlib import Path
 
     from rstar.evaluate import load_benchmark
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+    data = BENCHMARKS
     probs = load_benchmark(name, data_dir=str(data), limit=3)
     assert len(probs) == 3 and all(p.question and p.answer for p in probs)

@@ -76,7 +76,10 @@ def test_quick_evolve_killed_and_resumed(tmp_path):
         if "skipped" in trained["ppm"]:
             assert not (rd / "pairs.jsonl").read_text().strip()
         else:
-            assert json.loads((models / f"ppm_r{r}" / "config.json").read_text())["rstar_reward"]["kind"] == "ppm"
+            assert (
+                json.loads((models / f"ppm_r{r}" / "config.json").read_text())["rstar_reward"]["kind"]
+                == "ppm"
+            )
         summary = json.loads((rd / "eval" / "summary.json").read_text())
         assert "greedy" in summary["runs"]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import viewer_trees
+from conftest import RSTAR_FORMAT
 from rstar import RstarError
 from rstar.cli import main as rstar_main
 from rstar.config import Config
@@ -31,7 +32,6 @@ from rstar.steps import (
     split_steps,
 )
 
-RSTAR_FORMAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "rstar_format"
 Q1 = "What is 6 times 7?"
 HEAD = "\n" + ASSISTANT_HEADER
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BENCHMARKS
 from rstar.cli import main as cli_main
 from rstar.grading import Grader, GradeResult, is_equivalent, normalize_answer_string
 from rstar.steps import extract_boxed
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
+BENCH = BENCHMARKS
 BENCH_FILES = ["math500_test.json", "aime2024_test.json", "amc23_test.json", "GSM8K_test.json"]
 
 # Known hang of math-verify (huggingface/Math-Verify#65): its result cannot even be printed.

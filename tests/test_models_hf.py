@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import RSTAR_FORMAT
 from rstar import steps
 from rstar.models.base import Completion, GenRequest, Policy
 from rstar.models.hf import HFPolicy, _GeneratedStopCriteria, first_stop
 from rstar.models.tiny import ADDED_TOKENS, build_tiny_policy, default_corpus, train_tokenizer
 
-SFT_EXAMPLES = Path("/work/shared/data/rstar_format/sft_data_examples.json")
+SFT_EXAMPLES = RSTAR_FORMAT / "sft_data_examples.json"
 
 # One step, repeated: after any `<end_of_step>` the trained model must go on with
 # "\n\n# add one\nx = x + 1\n<end_of_step>", not stop at once.
@@ -28,14 +29,7 @@ HEADER = steps.sft_prompt("Count up.") + "<code>\n# start\nx = 0\n<end_of_step>"
 TRAIN_TEXT = HEADER + STEP * 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine torch's
-    spinning threads were measured 10x slower under load: run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import RSTAR_FORMAT
 from rstar import RstarError, steps
 from rstar.models.base import Completion, GenRequest, Policy
 from rstar.models.hf import HFPolicy, first_stop
@@ -39,9 +40,7 @@ pytest.importorskip("gguf", reason="needs the server extra: pip install -e '.[se
 pytest.importorskip("xllamacpp", reason="needs the server extra: pip install -e '.[server]'")
 
 HELPER = Path(__file__).with_name("llama_server.py")
-SFT_EXAMPLES = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "rstar_format" / "sft_data_examples.json"
-)
+SFT_EXAMPLES = RSTAR_FORMAT / "sft_data_examples.json"
 
 # A solution with every kind of step, each different so that a tiny model can memorise it.
 HEADER = steps.sft_prompt("Count up.") + "<code>\n# start at zero\nx = 0\n<end_of_step>"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from rstar.cli import main
 from rstar.config import TrainConfig
@@ -17,13 +16,7 @@ from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
 from rstar.training.sft import train_sft
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_generate_extract_train_generate_again(tmp_path):

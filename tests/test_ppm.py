@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import RSTAR_FORMAT
 from rstar import RstarError, steps
 from rstar.config import TrainConfig
 from rstar.models import RewardModel
@@ -25,16 +26,10 @@ from rstar.models.tiny import build_tiny_policy
 from rstar.training import problem_key, split_held_out
 from rstar.training.reward import train_reward
 
-PAIRS = Path("/work/shared/data/rstar_format/ppm_pair_examples.json")
+PAIRS = RSTAR_FORMAT / "ppm_pair_examples.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and the machine's 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BENCHMARKS
 from rstar.cli import main as cli_main
 from rstar.data.problems import Problem, ProblemError, gsm8k_final_answer, load_problems
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
+BENCH = BENCHMARKS
 
 
 @pytest.mark.parametrize(

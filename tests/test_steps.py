@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import RSTAR_FORMAT
 from rstar.steps import (
     END_OF_STEP,
     build_prompt,
@@ -20,7 +20,7 @@ from rstar.steps import (
     wrap_output,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rstar_format"
+DATA = RSTAR_FORMAT
 SFT = json.loads((DATA / "sft_data_examples.json").read_text())
 PAIRS = json.loads((DATA / "ppm_pair_examples.json").read_text())
 TEXTS = [r["response"] for r in SFT] + [r[k] for r in PAIRS for k in ("pos", "neg")]

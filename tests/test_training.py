@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import RSTAR_FORMAT
 from rstar import RstarError, steps
 from rstar.config import TrainConfig
 from rstar.models.base import GenRequest
@@ -22,20 +22,14 @@ from rstar.training import batch_plan, load_records, problem_key, split_held_out
 from rstar.training.reward import train_reward
 from rstar.training.sft import SFT_FIELDS, build_sft_trainer, tokenize_example, train_sft
 
-DATA = Path("/work/shared/data/rstar_format")
+DATA = RSTAR_FORMAT
 SFT_EXAMPLES = DATA / "sft_data_examples.json"
 PAIRS = DATA / "ppm_pair_examples.json"
 
 FAST = dict(learning_rate=1e-3, batch_size=2, micro_batch_size=2, max_length=384, logging_steps=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and the machine's 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
