@@ -102,7 +102,7 @@ def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = N
         from rstar.data.world import WorldConfig, make_split
 
         n = int(name.split(":", 1)[1]) if ":" in name else 50
-        return make_split("test", n, WorldConfig())[:limit] if limit else make_split("test", n, WorldConfig())
+        return make_split("test", n, WorldConfig())[:limit]  # [:None] keeps all
     spec = BENCHMARKS.get(name.lower())
     if spec is None:
         if not Path(name).exists():

@@ -115,9 +115,11 @@ def prepare_problems(cfg: Config, run: Path) -> dict:
     e = cfg.evolve
     pdir = run / "problems"
     if e.train_problems:
-        write_problems(pdir / "train.jsonl", load_problems(e.train_problems))
-        write_problems(pdir / "test.jsonl", load_problems(e.test_problems) if e.test_problems else [])
-        return {"train": len(load_problems(pdir / "train.jsonl"))}
+        train = load_problems(e.train_problems)
+        test = load_problems(e.test_problems) if e.test_problems else []
+        write_problems(pdir / "train.jsonl", train)
+        write_problems(pdir / "test.jsonl", test)
+        return {"train": len(train), "test": len(test)}
     world = WorldConfig()
     train = make_split("train", e.train_per_level, world, seed=e.world_seed)
     test = make_split("test", e.test_per_level, world, seed=e.world_seed)

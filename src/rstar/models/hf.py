@@ -65,6 +65,33 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+def load_model(
+    auto_cls: Any,
+    model: str | Path | Any,
+    tokenizer: PreTrainedTokenizerBase | None,
+    device: str,
+    dtype: str,
+    owner: str,
+) -> tuple[Any, PreTrainedTokenizerBase, torch.device, torch.dtype]:
+    """(model, tokenizer, device, dtype) for a backend: a path is loaded with `auto_cls` onto
+    the resolved device and dtype; an already loaded model (with its tokenizer) is used where
+    it is ("auto" keeps its device and dtype; nn.Module.to() moves or casts it in place, under
+    its owner's feet)."""
+    from transformers import AutoTokenizer
+
+    if isinstance(model, (str, Path)):
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        tok = tokenizer or AutoTokenizer.from_pretrained(str(model))
+        # device_map loads the weights straight onto the device (no CPU copy of a 7B model).
+        return auto_cls.from_pretrained(str(model), dtype=dt, device_map=str(dev)), tok, dev, dt
+    if tokenizer is None:
+        raise ValueError(f"{owner}(model=<PreTrainedModel>) needs tokenizer=")
+    dev = model.device if device == "auto" else resolve_device(device)
+    dt = model.dtype if dtype == "auto" else resolve_dtype(dtype, dev)
+    return model.to(device=dev, dtype=dt), tokenizer, dev, dt
+
+
 def first_stop(text: str, stops: Sequence[str]) -> int | None:
     """End index of the first stop string in `text` (earliest start; the shorter on a tie),
     or None if there is none."""
@@ -158,28 +185,14 @@ class HFPolicy:
         max_new_tokens_cap: int | None = None,
         stop_mode: str = "auto",
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         if stop_mode not in ("auto", "tokens", "strings"):
             raise ValueError(f"stop_mode must be 'auto', 'tokens' or 'strings', got {stop_mode!r}")
         self.share_prefix = share_prefix
-        if isinstance(model, (str, Path)):
-            self.device = resolve_device(device)
-            self.dtype = resolve_dtype(dtype, self.device)
-            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
-            # device_map loads the weights straight onto the device (no CPU copy of a 7B model).
-            self.model = AutoModelForCausalLM.from_pretrained(
-                str(model), dtype=self.dtype, device_map=str(self.device)
-            )
-        else:
-            if tokenizer is None:
-                raise ValueError("HFPolicy(model=<PreTrainedModel>) needs tokenizer=")
-            # A model object is used where it is ("auto" keeps its device and dtype); note that
-            # nn.Module.to() moves or casts it in place, under its owner's feet.
-            self.device = model.device if device == "auto" else resolve_device(device)
-            self.dtype = model.dtype if dtype == "auto" else resolve_dtype(dtype, self.device)
-            self.tokenizer = tokenizer
-            self.model = model.to(device=self.device, dtype=self.dtype)
+        self.model, self.tokenizer, self.device, self.dtype = load_model(
+            AutoModelForCausalLM, model, tokenizer, device, dtype, owner="HFPolicy"
+        )
         self.model.eval()
         self.max_batch_size = max_batch_size
         self.max_new_tokens_cap = max_new_tokens_cap

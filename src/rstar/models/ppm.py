@@ -178,9 +178,9 @@ class HFRewardModel:
         max_batch_size: int = 64,
         max_length: int | None = None,
     ) -> None:
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        from rstar.models.hf import resolve_device, resolve_dtype
+        from rstar.models.hf import load_model
 
         if isinstance(model, (str, Path)):
             path = Path(model)
@@ -192,22 +192,13 @@ class HFRewardModel:
                     f"{path}: not a reward-model directory (its config.json has no {CONFIG_KEY!r}); "
                     "train one with `rstar train ppm DATA --model SFT_DIR --out DIR`"
                 )
-            self.device = resolve_device(device)
-            self.dtype = resolve_dtype(dtype, self.device)
-            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path))
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                str(path), dtype=self.dtype, device_map=str(self.device)
-            )
         else:
-            if tokenizer is None:
-                raise ValueError("HFRewardModel(model=<PreTrainedModel>) needs tokenizer=")
             info = reward_info(model.config)
             if info is None:
                 raise ValueError(f"the model's config has no {CONFIG_KEY!r}: build it with init_reward_model")
-            self.device = model.device if device == "auto" else resolve_device(device)
-            self.dtype = model.dtype if dtype == "auto" else resolve_dtype(dtype, self.device)
-            self.tokenizer = tokenizer
-            self.model = model.to(device=self.device, dtype=self.dtype)
+        self.model, self.tokenizer, self.device, self.dtype = load_model(
+            AutoModelForSequenceClassification, model, tokenizer, device, dtype, owner="HFRewardModel"
+        )
         if info.get("activation", VALUE_ACTIVATION) != VALUE_ACTIVATION:
             raise RstarError(f"reward model activation {info.get('activation')!r}: only 'tanh' is supported")
         self.kind: str = info.get("kind", "ppm")
