@@ -62,6 +62,9 @@ def test_quick_evolve_killed_and_resumed(tmp_path):
     seed = [json.loads(x) for x in (run / "problems" / "seed_sft.jsonl").read_text().splitlines()]
     assert seed and not {r["query"] for r in seed} & {p.question for p in train}
 
+    seed_queries = {r["query"] for r in seed}
+    kept_seed = []  # the seed sample mixed into each round's SFT set (evolve.sft_seed_records)
+
     models = run / "models"
     for r in range(1, 5):
         rd = run / f"round{r}"
@@ -71,6 +74,9 @@ def test_quick_evolve_killed_and_resumed(tmp_path):
         for rec in recs:
             Tree.from_dict(rec["tree"])
         assert (rd / "sft.jsonl").exists() and (rd / "pairs.jsonl").exists()
+        sft = [json.loads(x) for x in (rd / "sft.jsonl").read_text().splitlines()]
+        kept_seed.append(sorted(x["query"] for x in sft if x["query"] in seed_queries))
+        assert len(kept_seed[-1]) == 40 < len(seed)  # quick.yaml: sft_seed_records 40
         assert json.loads((models / f"policy_r{r}" / "config.json").read_text())["model_type"] == "qwen2"
         trained = after[f"round{r}/train"]["result"]
         if "skipped" in trained["ppm"]:
@@ -82,6 +88,8 @@ def test_quick_evolve_killed_and_resumed(tmp_path):
             )
         summary = json.loads((rd / "eval" / "summary.json").read_text())
         assert "greedy" in summary["runs"]
+
+    assert all(k == kept_seed[0] for k in kept_seed)  # the same sample in every round
 
     report = json.loads((run / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]

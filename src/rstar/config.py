@@ -189,7 +189,16 @@ class EvolveConfig:
     sft_init: str = _f(
         "base", "each round's policy is fine-tuned from 'base' (the starting policy) or 'previous'"
     )
-    sft_keep_seed: bool = _f(True, "embedded world: add the seed solutions to every round's SFT set")
+    sft_seed_records: int = _f(
+        500,
+        "embedded world: seed solutions (a fixed sample) added to every round's SFT set, so that a "
+        "policy fine-tuned round after round keeps its easy skills; 0 = none, -1 = all",
+    )
+    ppm_pair_rounds: int = _f(
+        1,
+        "the PPM of round r trains on the preference pairs of this many rounds up to r (1 = the paper: "
+        "round r's own; 0 = every round so far, for small runs whose rounds yield few pairs)",
+    )
     eval_samples: int = _f(8, "test evaluation: N of best-of-N and MCTS rollouts (equal complete solutions)")
     eval_top_k: int = _f(4, "test evaluation: trajectories in the final top-K vote")
     compare_size: str = _f(

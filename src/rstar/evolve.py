@@ -220,8 +220,11 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
     sft = extract_sft(recs)
     pairs = extract_ppm(recs)
     seed_path = run / "problems" / "seed_sft.jsonl"
-    if cfg.evolve.sft_keep_seed and seed_path.exists():
-        sft += [json.loads(line) for line in seed_path.read_text().splitlines() if line.strip()]
+    keep = cfg.evolve.sft_seed_records
+    if keep and seed_path.exists():
+        seed = [json.loads(line) for line in seed_path.read_text().splitlines() if line.strip()]
+        # The same sample every round (and on resume): a fixed stride, not a random draw.
+        sft += seed if keep < 0 or keep >= len(seed) else seed[:: len(seed) // keep][:keep]
     for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
         with open(run / f"round{r}" / name, "w") as f:
             for row in rows:
@@ -238,15 +241,21 @@ def train_round(cfg: Config, run: Path, r: int, base: str, previous: str) -> dic
     sft = train_sft(run / f"round{r}" / "sft.jsonl", init, models / f"policy_r{r}", cfg.sft)
     keep = ("train_loss", "eval_loss", "heldout_accuracy", "steps", "train_seconds")
     out = {"sft": {k: sft[k] for k in keep if k in sft}}
-    pairs = run / f"round{r}" / "pairs.jsonl"
-    if not pairs.read_text().strip():
+    n = cfg.evolve.ppm_pair_rounds
+    pairs = [
+        json.loads(line)
+        for q in range(1 if n <= 0 else max(1, r - n + 1), r + 1)
+        for line in (run / f"round{q}" / "pairs.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    if not pairs:
         # Pairs need a node with both a correct and a wrong continuation; a round that solved
         # (almost) nothing has none. The next round then searches with the previous PPM.
         log(f"round {r}: no preference pairs (too few problems solved); no PPM is trained this round")
         out["ppm"] = {"skipped": "no preference pairs"}
         return out
     ppm = train_reward(pairs, models / f"policy_r{r}", models / f"ppm_r{r}", cfg.ppm, kind="ppm")
-    out["ppm"] = {k: ppm[k] for k in keep if k in ppm}
+    out["ppm"] = {k: ppm[k] for k in keep if k in ppm} | {"pairs": len(pairs)}
     return out
 
 
