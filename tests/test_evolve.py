@@ -79,9 +79,13 @@ def test_quick_evolve_killed_and_resumed(tmp_path):
         assert len(kept_seed[-1]) == 40 < len(seed)  # quick.yaml: sft_seed_records 40
         assert json.loads((models / f"policy_r{r}" / "config.json").read_text())["model_type"] == "qwen2"
         trained = after[f"round{r}/train"]["result"]
+        pairs_so_far = sum(
+            len((run / f"round{q}" / "pairs.jsonl").read_text().splitlines()) for q in range(1, r + 1)
+        )
         if "skipped" in trained["ppm"]:
-            assert not (rd / "pairs.jsonl").read_text().strip()
+            assert pairs_so_far == 0
         else:
+            assert trained["ppm"]["pairs"] == pairs_so_far  # quick.yaml: ppm_pair_rounds 0 (all rounds)
             assert (
                 json.loads((models / f"ppm_r{r}" / "config.json").read_text())["rstar_reward"]["kind"]
                 == "ppm"
