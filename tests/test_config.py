@@ -37,6 +37,8 @@ def test_file_and_overrides(tmp_path):
         ("search.mode=dfs", "search.mode='dfs'"),
         ("search.ppm_init=maybe", "expected true or false"),
         ("rollouts", "expected section.field=value"),
+        ("evolve.ppm_pair_rounds=-1", "evolve.ppm_pair_rounds=-1: expected 0 (all rounds) or more"),
+        ("evolve.sft_seed_records=-3", "evolve.sft_seed_records=-3"),
     ],
 )
 def test_bad_values_name_the_field(override, message):

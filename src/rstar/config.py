@@ -255,6 +255,9 @@ def validate(cfg: Config) -> None:
         cfg.model.backend,
         "hf | vllm | openai",
     )
+    e = cfg.evolve
+    _check(e.sft_seed_records >= -1, "evolve.sft_seed_records", e.sft_seed_records, "-1 (all), 0 or more")
+    _check(e.ppm_pair_rounds >= 0, "evolve.ppm_pair_rounds", e.ppm_pair_rounds, "0 (all rounds) or more")
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
