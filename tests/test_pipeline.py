@@ -16,6 +16,9 @@ from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
 from rstar.training.sft import train_sft
 
+# A few small optimizer steps: `rstar train` flags shared by the SFT and PPM runs below.
+SMALL_RUN = ["--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3"]
+
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
@@ -101,14 +104,7 @@ def test_generate_extract_train_generate_again(tmp_path):
                 str(tmp_path / "policy0"),
                 "--out",
                 str(tmp_path / "policy1"),
-                "--max-steps",
-                "4",
-                "--batch-size",
-                "4",
-                "--micro-batch-size",
-                "4",
-                "--lr",
-                "1e-3",
+                *SMALL_RUN,
             ]
         )
         == 0
@@ -123,14 +119,7 @@ def test_generate_extract_train_generate_again(tmp_path):
                 str(tmp_path / "policy1"),
                 "--out",
                 str(tmp_path / "ppm1"),
-                "--max-steps",
-                "4",
-                "--batch-size",
-                "4",
-                "--micro-batch-size",
-                "4",
-                "--lr",
-                "1e-3",
+                *SMALL_RUN,
             ]
         )
         == 0
