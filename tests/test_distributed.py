@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
+from killing import run_until_then_kill  # noqa: E402
 from rstar.config import load_config  # noqa: E402
 from rstar.data.problems import Problem  # noqa: E402
 from rstar.distributed import (  # noqa: E402
@@ -220,20 +220,7 @@ def test_killed_driver_resumes_without_loss_or_repeats(ray_address, tmp_path):
     trees = out / "trees.jsonl"
     n = 16
     cmd = [sys.executable, __file__, str(out), str(n), ray_address]
-    proc = subprocess.Popen(cmd)
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            if trees.exists() and len(keys(trees)) >= 3:
-                break
-            assert proc.poll() is None, "the driver ended before it could be killed"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    run_until_then_kill(cmd, lambda: trees.exists() and len(keys(trees)) >= 3, timeout_s=150)
     before = keys(trees)
     assert 3 <= len(before) < n, "kill -9 should land mid-run"
 

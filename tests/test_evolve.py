@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from killing import run_until_then_kill
 from rstar.data.problems import load_problems
 from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
@@ -30,18 +29,15 @@ def stages(run: Path) -> dict:
 def test_quick_evolve_killed_and_resumed(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(evolve_cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while "round1/extract" not in stages(run):
-            assert proc.poll() is None, "evolve ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run_until_then_kill(
+        evolve_cmd(run),
+        lambda: "round1/extract" in stages(run),
+        timeout_s=600,
+        poll_s=0.2,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     before = stages(run)
     assert "round4/eval" not in before
 

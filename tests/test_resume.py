@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from killing import run_until_then_kill
 
 SCRIPT = Path(__file__).parent / "generate_scripted.py"
 
@@ -20,19 +20,12 @@ def test_kill_9_then_resume_loses_nothing_and_repeats_nothing(tmp_path):
     out = tmp_path / "run"
     trees = out / "trees.jsonl"
     n = 12
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(n)])
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if trees.exists() and len(keys(trees)) >= 3:
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run_until_then_kill(
+        [sys.executable, str(SCRIPT), str(out), str(n)],
+        lambda: trees.exists() and len(keys(trees)) >= 3,
+        timeout_s=120,
+        poll_s=0.02,
+    )
     done_before = keys(trees)
     assert 3 <= len(done_before) < n, "kill -9 should land mid-run"
 
