@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import RSTAR_FORMAT
 from rstar import RstarError, steps
@@ -20,7 +21,7 @@ from rstar.models.ppm import load_reward_model
 from rstar.models.tiny import EOS_TOKEN, PAD_TOKEN, build_tiny_policy, default_corpus
 from rstar.training import batch_plan, load_records, problem_key, split_held_out
 from rstar.training.reward import train_reward
-from rstar.training.sft import SFT_FIELDS, build_sft_trainer, tokenize_example, train_sft
+from rstar.training.sft import SFT_FIELDS, build_sft_trainer, completion_loss, tokenize_example, train_sft
 
 DATA = RSTAR_FORMAT
 SFT_EXAMPLES = DATA / "sft_data_examples.json"
@@ -79,6 +80,28 @@ def test_sft_loss_is_on_the_response_only(tiny_dir: Path, tmp_path: Path) -> Non
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     assert ((batch["labels"] == -100) | (batch["labels"] == batch["input_ids"])).all()
     assert tokenize_example(tok, "q", "r")["completion_mask"][-1] == 1
+
+
+def test_cpu_completion_loss_equals_the_models_own_loss(tiny_dir: Path, tmp_path: Path) -> None:
+    """The CPU trainer scores only the labelled rows; loss and gradients must be those of the
+    model's full-logits loss on the same padded batch."""
+    records = load_records(SFT_EXAMPLES, SFT_FIELDS)
+    trainer, _, _ = build_sft_trainer(records[:3], [], tiny_dir, tmp_path, TrainConfig(**FAST))
+    assert type(trainer).__name__ == "CompletionLossSFTTrainer"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    model = trainer.model
+    ours = completion_loss(model, batch)
+    (g_ours,) = torch.autograd.grad(ours, [model.get_input_embeddings().weight])
+    theirs = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
+    (g_theirs,) = torch.autograd.grad(theirs, [model.get_input_embeddings().weight])
+    assert abs(ours.item() - theirs.item()) < 1e-5 * theirs.item()
+    assert (g_ours - g_theirs).abs().max().item() < 1e-5 * g_theirs.abs().max().item()
+    # With a label count given (gradient accumulation), the sum is divided by it instead.
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert abs(completion_loss(model, batch, 2 * n).item() - ours.item() / 2) < 1e-6
 
 
 def _tokenizer_without_tags():

@@ -77,6 +77,42 @@ def tokenize_example(tokenizer: PreTrainedTokenizerBase, query: str, response: s
     }
 
 
+def completion_loss(model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
+    """Next-token cross-entropy over the response tokens only: the LM head runs on just the
+    hidden states whose next token has a label, not on every prompt and padding position.
+
+    Why by hand: TRL's SFTTrainer always scores every position through its fused LM-head
+    kernel, which off CUDA falls back to a tiled torch path (measured on the tiny policy:
+    0.69 s a step against 0.47 s for the plain loss, and this row selection is cheaper still).
+    The value equals the model's own loss: summed over labelled tokens, divided by the
+    batch's label count (`num_items_in_batch`, which keeps gradient accumulation exact).
+    """
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]  # [B, T], -100 on the prompt and padding
+    hidden = model.base_model(
+        input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
+    ).last_hidden_state  # [B, T, H]
+    targets = labels[:, 1:]
+    keep = targets != -100  # position t predicts token t + 1
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V], N labelled tokens
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    n = keep.sum() if num_items_in_batch is None else num_items_in_batch
+    return loss / n
+
+
+def _cpu_sft_trainer_class() -> type:
+    """SFTTrainer with `completion_loss` in place of TRL's fused LM head (CPU runs only)."""
+    from trl import SFTTrainer
+
+    class CompletionLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = completion_loss(model, inputs, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return CompletionLossSFTTrainer
+
+
 def build_sft_trainer(
     train_recs: list[dict],
     eval_recs: list[dict],
@@ -111,8 +147,12 @@ def build_sft_trainer(
         max_length=cfg.max_length,  # longer examples keep their start (TRL's only truncation mode)
         completion_only_loss=True,
         packing=False,
+        prediction_loss_only=True,  # evaluation reports the loss only
     )
-    trainer = SFTTrainer(
+    # On CUDA, TRL's fused LM head (Triton) is the memory-lean choice for a 150k vocabulary;
+    # elsewhere it is a slow fallback, so CPU runs use `completion_loss` instead.
+    trainer_cls = SFTTrainer if torch.cuda.is_available() and not args.use_cpu else _cpu_sft_trainer_class()
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=dataset(train_recs),
