@@ -39,6 +39,8 @@ def test_file_and_overrides(tmp_path):
         ("rollouts", "expected section.field=value"),
         ("evolve.ppm_pair_rounds=-1", "evolve.ppm_pair_rounds=-1: expected 0 (all rounds) or more"),
         ("evolve.sft_seed_records=-3", "evolve.sft_seed_records=-3"),
+        ("evolve.train_per_level=[5, -1]", "evolve.train_per_level=.*: expected one count >= 0"),
+        ("evolve.test_per_level=[]", "evolve.test_per_level=.*: expected one count"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
@@ -57,3 +59,14 @@ def test_config_show_cli(capsys):
     assert "search.rollouts = 3" in out and "consecutive code errors" in out
     assert main(["config", "show", "--set", "search.rollouts=x"]) == 2
     assert "search.rollouts" in capsys.readouterr().err
+
+
+def test_per_level_counts_one_for_all_or_one_each():
+    from rstar import RstarError
+    from rstar.evolve import per_level
+
+    assert load_config(overrides=["evolve.train_per_level=7"]).evolve.train_per_level == [7]
+    assert per_level([7], 4, "x") == {1: 7, 2: 7, 3: 7, 4: 7}
+    assert per_level([1, 2, 3, 4], 4, "x") == {1: 1, 2: 2, 3: 3, 4: 4}
+    with pytest.raises(RstarError, match=r"evolve.train_per_level: expected one count or 4"):
+        per_level([1, 2], 4, "evolve.train_per_level")

@@ -154,8 +154,12 @@ class EvolveConfig:
     run_dir: str = _f("runs/embedded", "run directory: problems, trees, data sets, checkpoints, report")
     train_problems: str = _f("", "training problem file; empty = the embedded synthetic world's train split")
     test_problems: str = _f("", "test problem file; empty = the embedded world's test split")
-    train_per_level: int = _f(60, "embedded world: training problems searched per level")
-    test_per_level: int = _f(25, "embedded world: test problems per level")
+    train_per_level: list[int] = _f(
+        [60],
+        "embedded world: training problems searched per level; one count for every level or one per "
+        "level, level 1 first (e.g. [10, 20, 40, 40] spends the search where the policy fails)",
+    )
+    test_per_level: list[int] = _f([25], "embedded world: test problems per level (one count or one per level)")
     world_seed: int = _f(0, "embedded world: seed of the problem generator")
     seed_levels: list[int] = _f(
         [1, 2], "embedded world: levels whose reference solutions pre-train the base policy"
@@ -257,6 +261,9 @@ def validate(cfg: Config) -> None:
     )
     e = cfg.evolve
     _check(e.sft_seed_records >= -1, "evolve.sft_seed_records", e.sft_seed_records, "-1 (all), 0 or more")
+    for name in ("train_per_level", "test_per_level"):
+        counts = getattr(e, name)
+        _check(counts and min(counts) >= 0, f"evolve.{name}", counts, "one count >= 0, or one per level")
     _check(e.ppm_pair_rounds >= 0, "evolve.ppm_pair_rounds", e.ppm_pair_rounds, "0 (all rounds) or more")
 
 

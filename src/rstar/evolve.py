@@ -107,6 +107,13 @@ def write_problems(path: Path, problems: list) -> None:
             f.write(json.dumps(p.to_dict()) + "\n")
 
 
+def per_level(counts: list[int], n_levels: int, name: str) -> dict[int, int]:
+    """{level: count} from one count for every level or one count per level (level 1 first)."""
+    if len(counts) not in (1, n_levels):
+        raise RstarError(f"{name}: expected one count or {n_levels} (one per level), got {counts}")
+    return {lv: counts[0 if len(counts) == 1 else lv - 1] for lv in range(1, n_levels + 1)}
+
+
 def prepare_problems(cfg: Config, run: Path) -> dict:
     """Training and test problems (and, for the embedded world, the seed SFT set)."""
     from rstar.data.problems import load_problems
@@ -121,8 +128,8 @@ def prepare_problems(cfg: Config, run: Path) -> dict:
         write_problems(pdir / "test.jsonl", test)
         return {"train": len(train), "test": len(test)}
     world = WorldConfig()
-    train = make_split("train", e.train_per_level, world, seed=e.world_seed)
-    test = make_split("test", e.test_per_level, world, seed=e.world_seed)
+    train = make_split("train", per_level(e.train_per_level, world.n_levels, "evolve.train_per_level"), world, seed=e.world_seed)
+    test = make_split("test", per_level(e.test_per_level, world.n_levels, "evolve.test_per_level"), world, seed=e.world_seed)
     # Seed solutions come from another seed's draws, minus any question that is searched.
     searched = {p.question for p in train}
     seed_pool = make_split(
