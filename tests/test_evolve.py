@@ -9,8 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from killing import run_until_then_kill
+from rstar import RstarError
+from rstar.config import load_config
 from rstar.data.problems import load_problems
+from rstar.evolve import RunState
 from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
 
@@ -97,3 +102,18 @@ def test_quick_evolve_killed_and_resumed(tmp_path):
     md = (run / "report.md").read_text()
     assert "coverage" in md and "Test accuracy" in md and (run / "report.png").stat().st_size > 10_000
     assert "## Time per stage" in md
+
+
+def test_run_dir_with_another_runs_artifacts_is_refused(tmp_path):
+    """A directory with round/model folders but no state.json is not a run to resume: its
+    tree files would be mixed into this run's searches (stale trees, other models)."""
+    cfg = load_config("quick")
+    (tmp_path / "notes.txt").write_text("a user's own file is fine")
+    RunState(tmp_path, cfg)  # a fresh run: writes state.json
+    assert (tmp_path / "state.json").exists()
+    stale = tmp_path / "stale"
+    (stale / "round0" / "eval" / "greedy").mkdir(parents=True)
+    (stale / "round0" / "eval" / "greedy" / "trees.jsonl").write_text("{}\n")
+    with pytest.raises(RstarError, match=r"stale holds run artifacts \(round0\) but no state.json"):
+        RunState(stale, cfg)
+    assert (stale / "round0" / "eval" / "greedy" / "trees.jsonl").read_text() == "{}\n"  # nothing lost

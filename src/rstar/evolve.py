@@ -52,6 +52,18 @@ class RunState:
 
     def __init__(self, run_dir: Path, cfg: Config):
         self.path = run_dir / "state.json"
+        stray = sorted(
+            q.name
+            for q in run_dir.glob("*")
+            if q.name in ("problems", "models") or q.name.startswith("round")
+        )
+        if stray and not self.path.exists():
+            # Without state.json nothing says these belong to this run; resuming their tree
+            # files would mix another run's searches (other models, other config) into this one.
+            raise RstarError(
+                f"{run_dir} holds run artifacts ({', '.join(stray)}) but no state.json: they are not "
+                "from a run this command can resume; pick another --run-dir or empty this one"
+            )
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
             if self.data.get("config") != cfg.to_dict():
@@ -128,8 +140,15 @@ def prepare_problems(cfg: Config, run: Path) -> dict:
         write_problems(pdir / "test.jsonl", test)
         return {"train": len(train), "test": len(test)}
     world = WorldConfig()
-    train = make_split("train", per_level(e.train_per_level, world.n_levels, "evolve.train_per_level"), world, seed=e.world_seed)
-    test = make_split("test", per_level(e.test_per_level, world.n_levels, "evolve.test_per_level"), world, seed=e.world_seed)
+    train = make_split(
+        "train",
+        per_level(e.train_per_level, world.n_levels, "evolve.train_per_level"),
+        world,
+        seed=e.world_seed,
+    )
+    test = make_split(
+        "test", per_level(e.test_per_level, world.n_levels, "evolve.test_per_level"), world, seed=e.world_seed
+    )
     # Seed solutions come from another seed's draws, minus any question that is searched.
     searched = {p.question for p in train}
     seed_pool = make_split(
