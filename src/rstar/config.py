@@ -159,7 +159,9 @@ class EvolveConfig:
         "embedded world: training problems searched per level; one count for every level or one per "
         "level, level 1 first (e.g. [10, 20, 40, 40] spends the search where the policy fails)",
     )
-    test_per_level: list[int] = _f([25], "embedded world: test problems per level (one count or one per level)")
+    test_per_level: list[int] = _f(
+        [25], "embedded world: test problems per level (one count or one per level)"
+    )
     world_seed: int = _f(0, "embedded world: seed of the problem generator")
     seed_levels: list[int] = _f(
         [1, 2], "embedded world: levels whose reference solutions pre-train the base policy"
