@@ -138,10 +138,10 @@ def test_levels_grow_in_steps(train):
     assert all(a < b for a, b in zip(means, means[1:])), means
 
 
-def test_hard_levels_have_distractors_the_solution_does_not_use(train):
+def test_distractors_as_specified_and_unused_by_the_solution(train):
     levels = by_level(train)
-    assert all(p.meta["distractors"] == [] for lv in ("1", "2") for p in levels[lv])
-    for lv in ("3", "4"):
+    assert all(p.meta["distractors"] == [] for p in levels["1"])
+    for lv in ("2", "3", "4"):
         for p in levels[lv]:
             ds = p.meta["distractors"]
             assert len(ds) == CFG.levels[int(lv) - 1].distractors >= 1
