@@ -89,9 +89,10 @@ def test_cpu_completion_loss_equals_the_models_own_loss(tiny_dir: Path, tmp_path
     trainer, _, _ = build_sft_trainer(records[:3], [], tiny_dir, tmp_path, TrainConfig(**FAST))
     # off CUDA the trainer uses it (on CUDA it keeps TRL's fused head)
     assert (type(trainer).__name__ == "CompletionLossSFTTrainer") != torch.cuda.is_available()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
     model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
     ours = completion_loss(model, batch)
     (g_ours,) = torch.autograd.grad(ours, [model.get_input_embeddings().weight])
     theirs = model(
@@ -197,18 +198,27 @@ def test_pqm_regression_reduces_mse(tiny_dir: Path, tmp_path: Path) -> None:
             }
         )
     cfg = TrainConfig(
-        learning_rate=3e-3, epochs=3, batch_size=8, micro_batch_size=8, max_length=128, eval_fraction=0.25
+        # 6 epochs, not 3: at 3 the MSE was mid-drop (0.169 on CPU, 0.176 on an H200 in bf16,
+        # against a bar of 0.171); at 6 it is 0.001.
+        learning_rate=3e-3,
+        epochs=6,
+        batch_size=8,
+        micro_batch_size=8,
+        max_length=128,
+        eval_fraction=0.25,
     )
     out = tmp_path / "pqm"
     metrics = train_reward(recs, tiny_dir, out, cfg, kind="pqm")
     _, held = split_held_out(recs, cfg.eval_fraction, cfg.seed, key=lambda r: problem_key(r["prompt"]))
     baseline = sum(r["q"] ** 2 for r in held) / len(held)  # MSE of the zero-initialised head
-    assert metrics["eval_mse"] < 0.3 * baseline, (metrics, baseline)
+    assert metrics["eval_mse"] < 0.05 * baseline, (metrics, baseline)
     rm = load_reward_model(out)
     assert rm.kind == "pqm"
     values = rm.score([r["prompt"] for r in held], [r["step"] for r in held])
     mse = sum((v - r["q"]) ** 2 for v, r in zip(values, held)) / len(held)
-    assert mse == pytest.approx(metrics["eval_mse"], abs=1e-4)  # scoring = training's values
+    # scoring = training's values (on CUDA the scorer loads bf16 weights, where training
+    # evaluated fp32 weights under bf16 autocast: equal to bf16 rounding)
+    assert mse == pytest.approx(metrics["eval_mse"], abs=1e-4 if not torch.cuda.is_available() else 2e-3)
 
 
 # --- data, config, CLI ---------------------------------------------------------------------
