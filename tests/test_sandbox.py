@@ -297,6 +297,18 @@ def test_pool_survives_a_worker_death(pool):
     assert all(r.ok for r in pool.run_many(["print(1)"] * 4))
 
 
+def test_heavy_workers_start_at_their_first_program():
+    with SandboxPool(SandboxConfig(workers=2)) as p:
+        kinds = {w.kind: [] for w in p._workers}
+        for w in p._workers:
+            kinds[w.kind].append(w.pid)
+        assert all(kinds["light"]) and not any(kinds["heavy"])  # eager: light ones only
+        assert p.run("print(1)").stdout == "1\n"
+        assert not any(w.pid for w in p._workers if w.kind == "heavy")
+        assert p.run("import sympy\nprint(sympy.Integer(6) / 4)").stdout == "3/2\n"
+        assert any(w.pid for w in p._workers if w.kind == "heavy")
+
+
 def test_closed_pool_refuses_work():
     p = SandboxPool(SandboxConfig(), eager=False)
     p.close()

@@ -216,8 +216,8 @@ class SandboxPool:
     """Warm sandbox workers. `submit` is non-blocking and thread-safe.
 
     With `light_workers`, `workers` light and `workers` heavy worker processes exist (light ones
-    for programs that do not mention numpy/sympy/mpmath), but at most `workers` programs run at
-    once. A worker that dies or hangs is replaced; its program gets a "SandboxError" result.
+    for programs that do not mention numpy/sympy/mpmath; `eager` starts the light ones at once,
+    a heavy one starts at its first program), but at most `workers` programs run at once. A worker that dies or hangs is replaced; its program gets a "SandboxError" result.
     """
 
     def __init__(self, config: SandboxConfig | None = None, eager: bool = True):
@@ -233,8 +233,12 @@ class SandboxPool:
         # then counts exactly one program's processes, and programs cannot signal each other.
         uid_base = _UID_BASE + ((os.getpid() % 100_000) * 100 + next(_POOL_IDS) % 100) * 64
         for k_index, kind in enumerate(kinds):
+            # Beside light workers, heavy ones start at their first program: most searches (the
+            # embedded world's, say) never import numpy/sympy, and a heavy worker still importing
+            # them when the pool closes holds the close up for its whole start (~2 s).
+            start_now = eager and (kind == "light" or len(kinds) == 1)
             for i in range(self.config.workers):
-                w = _Worker(self.config, kind, uid=uid_base + k_index * 32 + i % 32, eager=eager)
+                w = _Worker(self.config, kind, uid=uid_base + k_index * 32 + i % 32, eager=start_now)
                 self._workers.append(w)
                 t = threading.Thread(target=self._serve, args=(w, self._queues[kind]), daemon=True)
                 t.name = f"sandbox-{kind}-{i}"
