@@ -44,7 +44,7 @@ SHAPES: dict[str, dict[str, int]] = {
 }
 
 
-def build(shape: str, tmp: Path):
+def build(shape: str, tmp: Path) -> tuple:
     """(model, tokenizer): a tiny preset via `build_tiny_policy`, or a real shape on the tiny
     tokenizer (random weights, initialised on the device: a 7B takes seconds, never touches disk)."""
     import torch

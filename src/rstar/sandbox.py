@@ -217,7 +217,8 @@ class SandboxPool:
 
     With `light_workers`, `workers` light and `workers` heavy worker processes exist (light ones
     for programs that do not mention numpy/sympy/mpmath; `eager` starts the light ones at once,
-    a heavy one starts at its first program), but at most `workers` programs run at once. A worker that dies or hangs is replaced; its program gets a "SandboxError" result.
+    a heavy one starts at its first program), but at most `workers` programs run at once. A
+    worker that dies or hangs is replaced; its program gets a "SandboxError" result.
     """
 
     def __init__(self, config: SandboxConfig | None = None, eager: bool = True):
