@@ -41,6 +41,7 @@ def test_file_and_overrides(tmp_path):
         ("evolve.sft_seed_records=-3", "evolve.sft_seed_records=-3"),
         ("evolve.train_per_level=[5, -1]", "evolve.train_per_level=.*: expected one count >= 0"),
         ("evolve.test_per_level=[]", "evolve.test_per_level=.*: expected one count"),
+        ("sft.sampling=by_length", "sft.sampling='by_length': expected random | group_by_length"),
     ],
 )
 def test_bad_values_name_the_field(override, message):

@@ -14,8 +14,8 @@ import pytest
 from killing import run_until_then_kill
 from rstar import RstarError
 from rstar.config import load_config
-from rstar.data.problems import load_problems
-from rstar.evolve import RunState
+from rstar.data.problems import Problem, load_problems
+from rstar.evolve import RunState, coverage_by_steps
 from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
 
@@ -93,6 +93,11 @@ def test_quick_evolve_killed_and_resumed(tmp_path):
             )
         summary = json.loads((rd / "eval" / "summary.json").read_text())
         assert "greedy" in summary["runs"]
+        # coverage by the reference solution's length: the same problems and the same covered count
+        extracted = after[f"round{r}/extract"]["result"]
+        by_steps = extracted["coverage_by_steps"]
+        assert sum(v["problems"] for v in by_steps.values()) == len(train)
+        assert sum(v["covered"] for v in by_steps.values()) == extracted["coverage"]["covered"]
 
     assert all(k == kept_seed[0] for k in kept_seed)  # the same sample in every round
 
@@ -102,6 +107,7 @@ def test_quick_evolve_killed_and_resumed(tmp_path):
     md = (run / "report.md").read_text()
     assert "coverage" in md and "Test accuracy" in md and (run / "report.png").stat().st_size > 10_000
     assert "## Time per stage" in md
+    assert "## Coverage by the reference solution's length" in md
 
 
 def test_run_dir_with_another_runs_artifacts_is_refused(tmp_path):
@@ -117,3 +123,23 @@ def test_run_dir_with_another_runs_artifacts_is_refused(tmp_path):
     with pytest.raises(RstarError, match=r"stale holds run artifacts \(round0\) but no state.json"):
         RunState(stale, cfg)
     assert (stale / "round0" / "eval" / "greedy" / "trees.jsonl").read_text() == "{}\n"  # nothing lost
+
+
+def test_coverage_by_steps_counts_reference_solution_lengths():
+    from rstar.data.world import make_split
+
+    problems = make_split("train", {1: 3, 4: 3}, seed=5)
+    solved = {problems[0].id, problems[4].id}
+    by = coverage_by_steps(problems, solved)
+    lengths = {p.id: p.meta["solution"].count("<end_of_step>") for p in problems}
+    for n, row in by.items():
+        ids = [pid for pid, k in lengths.items() if k == int(n)]
+        assert row == {
+            "problems": len(ids),
+            "covered": len(set(ids) & solved),
+            "coverage": len(set(ids) & solved) / len(ids),
+        }
+    assert sum(row["problems"] for row in by.values()) == 6
+    # problems without a step-format reference (a GSM8K text solution, none at all) are left out
+    text = Problem(id="gsm:0", question="q", answer="3", meta={"solution": "1 + 2 = 3\n#### 3"})
+    assert coverage_by_steps([text, Problem(id="x", question="q", answer="1")], {"gsm:0"}) == {}

@@ -82,6 +82,23 @@ def test_sft_loss_is_on_the_response_only(tiny_dir: Path, tmp_path: Path) -> Non
     assert tokenize_example(tok, "q", "r")["completion_mask"][-1] == 1
 
 
+def test_group_by_length_batches_pad_less(tiny_dir: Path, tmp_path: Path) -> None:
+    """TrainConfig.sampling="group_by_length" reaches the Trainer's sampler: the same records
+    in batches of similar length carry fewer padding tokens than in random order."""
+    rng = random.Random(0)
+    # the sampler sorts "mega-batches" of up to 50 batches (fewer for a small set: a quarter of it)
+    records = [{"query": f"q{i}", "response": "x = 1\n" * rng.choice([1, 40])} for i in range(512)]
+
+    def padding(sampling: str) -> int:
+        cfg = TrainConfig(**{**FAST, "batch_size": 8, "micro_batch_size": 8, "sampling": sampling})
+        trainer, tok, _ = build_sft_trainer(records, [], tiny_dir, tmp_path / sampling, cfg)
+        batches = list(trainer.get_train_dataloader())
+        assert sum(len(b["input_ids"]) for b in batches) == len(records)
+        return sum(int((b["input_ids"] == tok.pad_token_id).sum()) for b in batches)
+
+    assert padding("group_by_length") < padding("random") / 2
+
+
 def test_cpu_completion_loss_equals_the_models_own_loss(tiny_dir: Path, tmp_path: Path) -> None:
     """The CPU trainer scores only the labelled rows; loss and gradients must be those of the
     model's full-logits loss on the same padded batch."""

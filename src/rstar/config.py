@@ -137,6 +137,11 @@ class TrainConfig:
     bf16: str = _f("auto", "auto (bf16 where the hardware supports it) | true | false")
     seed: int = _f(0, "training seed (data order, held-out split, head initialisation)")
     logging_steps: int = _f(10, "optimizer steps between log lines")
+    sampling: str = _f(
+        "random",
+        "order of the training examples: random | group_by_length (batches of similar length, "
+        "less padding: faster where lengths vary, at some cost in shuffling)",
+    )
 
 
 def _ppm_train_defaults() -> TrainConfig:
@@ -232,6 +237,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# TrainConfig.sampling: the HF Trainer's train_sampling_strategy values that fit one process
+# ("batch_rebalance" balances padding across data-parallel ranks).
+SAMPLINGS = ("random", "group_by_length")
+
+
 def validate(cfg: Config) -> None:
     s = cfg.search
     _check(s.mode in ("mcts", "beam", "bon", "greedy"), "search.mode", s.mode, "mcts | beam | bon | greedy")
@@ -261,6 +271,9 @@ def validate(cfg: Config) -> None:
         cfg.model.backend,
         "hf | vllm | openai",
     )
+    for section in ("pretrain", "sft", "ppm"):
+        sampling = getattr(cfg, section).sampling
+        _check(sampling in SAMPLINGS, f"{section}.sampling", sampling, " | ".join(SAMPLINGS))
     e = cfg.evolve
     _check(e.sft_seed_records >= -1, "evolve.sft_seed_records", e.sft_seed_records, "-1 (all), 0 or more")
     for name in ("train_per_level", "test_per_level"):

@@ -239,8 +239,32 @@ def solved_ids(round_dir: Path) -> set[str]:
     return out
 
 
+def coverage_by_steps(problems: list, solved: set[str]) -> dict[str, dict]:
+    """Coverage by the length of the problem's reference solution in code steps, for
+    problems that ship one in the step format (`meta["solution"]`, as the embedded world's
+    do; a GSM8K text solution has no code step and is left out): where in the chain length
+    search stops finding solutions. {} when no problem has one."""
+    from rstar import steps
+
+    counts: dict[int, list[int]] = {}
+    for p in problems:
+        ref = p.meta.get("solution")
+        n = (
+            sum(steps.parse_step(s).kind == "code" for s in steps.split_steps(ref))
+            if isinstance(ref, str)
+            else 0
+        )
+        if not n:
+            continue
+        c = counts.setdefault(n, [0, 0])
+        c[0] += 1
+        c[1] += p.id in solved
+    return {str(n): {"problems": k, "covered": c, "coverage": c / k} for n, (k, c) in sorted(counts.items())}
+
+
 def extract_round(cfg: Config, run: Path, r: int) -> dict:
     from rstar.data.extract import coverage, extract_ppm, extract_sft
+    from rstar.data.problems import load_problems
 
     recs = records(run / f"round{r}")
     sft = extract_sft(recs)
@@ -255,7 +279,15 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
         with open(run / f"round{r}" / name, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    return {"coverage": coverage(recs), "sft_records": len(sft), "pairs": len(pairs)}
+    by_steps = coverage_by_steps(
+        load_problems(run / "problems" / "train.jsonl"), solved_ids(run / f"round{r}")
+    )
+    return {
+        "coverage": coverage(recs),
+        "coverage_by_steps": by_steps,
+        "sft_records": len(sft),
+        "pairs": len(pairs),
+    }
 
 
 def train_round(cfg: Config, run: Path, r: int, base: str, previous: str) -> dict:
@@ -281,7 +313,10 @@ def train_round(cfg: Config, run: Path, r: int, base: str, previous: str) -> dic
         out["ppm"] = {"skipped": "no preference pairs"}
         return out
     ppm = train_reward(pairs, models / f"policy_r{r}", models / f"ppm_r{r}", cfg.ppm, kind="ppm")
-    out["ppm"] = {k: ppm[k] for k in keep if k in ppm} | {"pairs": len(pairs)}
+    out["ppm"] = {k: ppm[k] for k in keep if k in ppm} | {
+        "pairs": len(pairs),
+        "heldout_pairs": ppm["eval_records"],
+    }
     return out
 
 

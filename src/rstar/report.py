@@ -60,7 +60,9 @@ def collect(state: dict) -> dict:
                 "coverage": cov,
                 "sft_records": ex.get("sft_records"),
                 "pairs": ex.get("pairs"),
+                "coverage_by_steps": ex.get("coverage_by_steps") or {},
                 "ppm_heldout_accuracy": tr.get("ppm", {}).get("heldout_accuracy"),
+                "ppm_heldout_pairs": tr.get("ppm", {}).get("heldout_pairs"),
                 "test": {
                     run: {"all": _acc(ev, run), **{lv: _acc(ev, run, lv) for lv in sorted(levels)}}
                     for run in (GREEDY, BON, MCTS)
@@ -91,6 +93,15 @@ def markdown(data: dict, total_s: float) -> str:
         lines.append(
             f"| {r['round']} | " + " | ".join(cells) + f" | {total} | {r['sft_records']} | {r['pairs']} |"
         )
+    lengths = sorted({n for r in data["rounds"] for n in r["coverage_by_steps"]}, key=int)
+    if lengths:
+        lines += ["", "## Coverage by the reference solution's length (code steps; covered / problems)", ""]
+        lines += ["| round | " + " | ".join(f"{n} steps" for n in lengths) + " |"]
+        lines += ["|" + " --- |" * (len(lengths) + 1)]
+        for r in data["rounds"]:
+            by = r["coverage_by_steps"]
+            cells = [f"{by[n]['covered']}/{by[n]['problems']}" if n in by else "-" for n in lengths]
+            lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
     lines += ["", "## Test accuracy (%)", ""]
     n = next((r["eval_samples"] for r in data["rounds"] if r["eval_samples"]), None)
     lines += [
@@ -117,9 +128,13 @@ def markdown(data: dict, total_s: float) -> str:
                     + " | ".join(_pct(row.get(lv)) for lv in levels)
                     + f" | {_pct(row['all'])} |"
                 )
-    lines += ["", "## PPM held-out pairwise accuracy (%)", "", "| round | accuracy |", "| --- | --- |"]
+    lines += ["", "## PPM held-out pairwise accuracy (%)", ""]
+    lines += ["| round | accuracy | held-out pairs |", "| --- | --- | --- |"]
     for r in data["rounds"]:
-        lines.append(f"| {r['round']} | {_pct(r['ppm_heldout_accuracy'])} |")
+        held = r["ppm_heldout_pairs"]
+        lines.append(
+            f"| {r['round']} | {_pct(r['ppm_heldout_accuracy'])} | {'-' if held is None else held} |"
+        )
     lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "| --- | --- |"]
     for k, v in data["times"].items():
         lines.append(f"| {k} | {v:.1f} |")

@@ -218,6 +218,7 @@ def trainer_arguments(
         # models and only slows the tiny CPU models down.
         **{_checkpointing_flag(): on_gpu},
         logging_steps=cfg.logging_steps,
+        train_sampling_strategy=cfg.sampling,
         logging_first_step=True,
         save_strategy="no",  # the final model is saved once, by the caller
         eval_strategy="no",  # held-out metrics are computed once, after training
