@@ -139,8 +139,9 @@ class TrainConfig:
     logging_steps: int = _f(10, "optimizer steps between log lines")
     sampling: str = _f(
         "random",
-        "order of the training examples: random | group_by_length (batches of similar length, "
-        "less padding: faster where lengths vary, at some cost in shuffling)",
+        "order of the training examples: random | group_by_length (batches of similar length: "
+        "less padding, so faster where lengths vary, but a batch's examples then have more in "
+        "common, which can slow learning)",
     )
 
 
