@@ -45,8 +45,8 @@ Design choices (and why):
   far, and level 4 has gained 8-23 points over four rounds (three runs; README). What holds
   level 4 back shows in the report's coverage by solution length: the seed-trained policy
   writes about four code steps whatever the question needs (levels 1-2 need two to four), and
-  by round 4 its searches solve every training problem of up to four steps but one in ten of
-  five or six, at level 3 and level 4 alike. Two ways of moving that limit were measured and
+  by round 4 its searches solve 81-100% of the training problems of up to four steps but
+  10-31% of those of five or six (three runs), at level 3 and level 4 alike. Two ways of moving that limit were measured and
   not kept: steps without their number (`# Step k:` is an anchor a 2-layer policy leans on:
   greedy 12-15% of the test split without a step marker, 33% with an unnumbered `# Step:`,
   40% numbered), and a level 1 of one to five operations, so that the seed set holds chains
