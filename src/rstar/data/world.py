@@ -42,16 +42,17 @@ Design choices (and why):
   (3: 3-5 operations, 4: 5-7, distractors only from level 3), the seed-trained policy's
   search covered 8% and 4% of them in round 1, and four rounds lifted level 4 by no more
   than 8 points; with these levels its round-1 search covers 34-40% of level 3 in every run so
-  far, and level 4 has gained 8-23 points over four rounds (three runs; README). What holds
-  level 4 back shows in the report's coverage by solution length: the seed-trained policy
-  writes about four code steps whatever the question needs (levels 1-2 need two to four), and
-  by round 4 its searches solve 81-100% of the training problems of up to four steps but
-  10-31% of those of five or six (three runs), at level 3 and level 4 alike. Two ways of moving that limit were measured and
-  not kept: steps without their number (`# Step k:` is an anchor a 2-layer policy leans on:
-  greedy 12-15% of the test split without a step marker, 33% with an unnumbered `# Step:`,
-  40% numbered), and a level 1 of one to five operations, so that the seed set holds chains
-  as long as level 4's (the policy then writes five or six steps, but solves 15-22% greedily
-  and pre-trains 40% slower).
+  far, and level 4 has gained 8-26 points over four rounds (six runs of four presets;
+  README). What holds level 4 back shows in the report's coverage by solution length: the
+  seed-trained policy writes about four code steps whatever the question needs (levels 1-2
+  need two to four), and by round 4 its searches solve 81-100% of the training problems of
+  up to four steps but 10-31% of those of five or six (four runs), at level 3 and level 4
+  alike. Two ways of moving that limit were measured and not kept: steps without their
+  number (`# Step k:` is an anchor a 2-layer policy leans on: greedy 12-15% of the test
+  split without a step marker, 33% with an unnumbered `# Step:`, 40% numbered), and a level
+  1 of up to five or six operations, so that the seed set holds chains as long as level 4's (the
+  policy then writes five or six steps, but solves 15-22% greedily and pre-trains 40%
+  slower).
 - **Distractors**: sentences with numbers that do not matter (ages, prices, distances,
   other people's objects). Their numbers never equal a number the solution uses, so "the
   solution does not use them" is checkable (`meta["distractors"]`).
