@@ -230,10 +230,15 @@ def records(round_dir: Path) -> list[dict]:
 
 
 def solved_ids(round_dir: Path) -> set[str]:
+    return solved_in(records(round_dir))
+
+
+def solved_in(recs: list[dict]) -> set[str]:
+    """Ids of the problems with a correct answer in any of these tree records."""
     from rstar.search.tree import Tree
 
     out = set()
-    for rec in records(round_dir):
+    for rec in recs:
         if any(n.correct for n in Tree.from_dict(rec["tree"]).answers()):
             out.add(rec["problem"]["id"])
     return out
@@ -279,9 +284,7 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
         with open(run / f"round{r}" / name, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    by_steps = coverage_by_steps(
-        load_problems(run / "problems" / "train.jsonl"), solved_ids(run / f"round{r}")
-    )
+    by_steps = coverage_by_steps(load_problems(run / "problems" / "train.jsonl"), solved_in(recs))
     return {
         "coverage": coverage(recs),
         "coverage_by_steps": by_steps,
