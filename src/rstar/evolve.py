@@ -196,7 +196,8 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
         if r == len(cfg.evolve.rounds):
             # Round 4: problems still unsolved get more rollouts and several trees each.
             for i, rollouts in enumerate(cfg.evolve.unsolved_rollouts):
-                unsolved = [p for p in problems if p.id not in solved_ids(run / f"round{r}")]
+                solved = solved_ids(run / f"round{r}")  # read once, not once per problem
+                unsolved = [p for p in problems if p.id not in solved]
                 if not unsolved:
                     break
                 extra = dataclasses.replace(
