@@ -56,7 +56,7 @@ def free_cores(n: int, seconds: float = 2.0) -> float:
 
 
 def run_one(actors: int, problems: list, cfg, out: Path) -> dict:
-    from rstar.distributed import RayOptions, RayProgress, generate_ray
+    from rstar.search.ray_runner import RayOptions, RayProgress, generate_ray
 
     marks: dict = {}
     cpu_at_up: dict[int, float] = {}

@@ -39,7 +39,7 @@ def quick_policy(out: Path, steps: int) -> Path:
 def run(cfg, policy, problems, inflight: int) -> dict:
     import dataclasses
 
-    from rstar.search.run import make_jobs, open_backends
+    from rstar.search.jobs import make_jobs, open_backends
     from rstar.search.scheduler import run_jobs
 
     cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, max_inflight=inflight))

@@ -11,7 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from rstar.config import load_config  # noqa: E402
-from rstar.search.run import generate, open_backends  # noqa: E402
+from rstar.search.jobs import open_backends  # noqa: E402
+from rstar.search.run import generate  # noqa: E402
 from scripted import ScriptedPolicy  # noqa: E402
 from test_search import problems  # noqa: E402
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(TESTS))
 from killing import run_until_then_kill  # noqa: E402
 from rstar.config import load_config  # noqa: E402
 from rstar.data.problems import Problem  # noqa: E402
-from rstar.distributed import (  # noqa: E402
+from rstar.search.ray_runner import (  # noqa: E402
     RayOptions,
     RayProgress,
     actor_resources,
@@ -79,7 +79,8 @@ def ray_address():
 def test_ray_output_equals_a_single_machine_run(ray_address, tmp_path):
     """Same problems, same config: every record is the one a single-machine run writes (the
     scripted policy's choices depend only on each request's seed), apart from timings."""
-    from rstar.search.run import generate, open_backends
+    from rstar.search.jobs import open_backends
+    from rstar.search.run import generate
 
     cfg = load_config("round2", overrides=OVERRIDES)
     probs = problems(8)
@@ -267,7 +268,7 @@ def test_actor_count_and_flags():
 
     import argparse
 
-    from rstar.distributed import add_ray_arguments
+    from rstar.search.ray_runner import add_ray_arguments
 
     parser = argparse.ArgumentParser()
     add_ray_arguments(parser)

@@ -23,7 +23,7 @@ from rstar.config import TrainConfig
 from rstar.models import RewardModel
 from rstar.models.ppm import HFRewardModel, encode, load_reward_model, values_from_logits
 from rstar.models.tiny import build_tiny_policy
-from rstar.training import problem_key, split_held_out
+from rstar.training.common import problem_key, split_held_out
 from rstar.training.reward import train_reward
 
 PAIRS = RSTAR_FORMAT / "ppm_pair_examples.json"

@@ -19,7 +19,7 @@ from rstar.config import TrainConfig
 from rstar.models.base import GenRequest
 from rstar.models.ppm import load_reward_model
 from rstar.models.tiny import EOS_TOKEN, PAD_TOKEN, build_tiny_policy, default_corpus
-from rstar.training import batch_plan, load_records, problem_key, split_held_out
+from rstar.training.common import batch_plan, load_records, problem_key, split_held_out
 from rstar.training.reward import train_reward
 from rstar.training.sft import SFT_FIELDS, build_sft_trainer, completion_loss, tokenize_example, train_sft
 

@@ -35,7 +35,7 @@ from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
 
 if TYPE_CHECKING:
-    from rstar.distributed import RayOptions
+    from rstar.search.ray_runner import RayOptions
 
 METRICS = ("majority", "best_of_n", "topk_vote", "topk_weighted", "pass")
 
@@ -94,9 +94,13 @@ BENCHMARKS: dict[str, dict] = {
 
 
 def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = None) -> list:
-    """A benchmark by name (local authors' file first, then the hub), the embedded world's
-    test split (`world`), or any problem file."""
-    from rstar.data.problems import load_problems
+    """A benchmark by name, the embedded world's test split (`world`), or any problem file.
+
+    A named benchmark is read from the first of: `data_dir`, `$RSTAR_DATA_DIR`, the files that
+    ship with the package (MATH-500, AIME 2024, AMC 2023 and GSM8K in the authors' eval_data
+    format, so that these work offline as in the authors' and Qwen's harnesses), and last the
+    hub dataset under its own field names."""
+    from rstar.data.problems import PACKAGED_BENCHMARKS, ProblemError, load_problems
 
     if name == "world" or name.startswith("world:"):
         from rstar.data.world import WorldConfig, make_split
@@ -110,15 +114,20 @@ def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = N
                 f"unknown benchmark {name!r}: not a file, and not one of {', '.join(['world', *BENCHMARKS])}"
             )
         return load_problems(name, limit=limit)
-    dirs = [d for d in (data_dir, os.environ.get("RSTAR_DATA_DIR")) if d]
+    dirs = [d for d in (data_dir, os.environ.get("RSTAR_DATA_DIR"), PACKAGED_BENCHMARKS) if d]
     for d in dirs:
         for path in Path(d).glob("*"):
             if path.name.lower() == spec["file"].lower():
                 return load_problems(path, limit=limit)
     # the hub, with the dataset's own field names
-    return load_problems(
-        spec["hub"], question_field=spec["question"], answer_field=spec["answer"], limit=limit
-    )
+    try:
+        return load_problems(
+            spec["hub"], question_field=spec["question"], answer_field=spec["answer"], limit=limit
+        )
+    except ProblemError as e:
+        raise RstarError(
+            f"benchmark {name!r}: no file {spec['file']} in --data-dir or $RSTAR_DATA_DIR, and {e}"
+        ) from e
 
 
 # --- trajectories and metrics -----------------------------------------------------------------
@@ -296,7 +305,8 @@ def run_eval(
 
     from rstar.grading import Grader
     from rstar.models import load_policy, load_reward
-    from rstar.search.run import generate, open_backends
+    from rstar.search.jobs import open_backends
+    from rstar.search.run import generate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,7 +317,7 @@ def run_eval(
         policy = policy if policy is not None else load_policy(cfg.model)
     session = contextlib.nullcontext()
     if ray is not None:
-        from rstar.distributed import ray_session
+        from rstar.search.ray_runner import ray_session
 
         session = ray_session(ray)  # one connection (or local Ray instance) for every setting
     summary: dict = {"budgets": budgets, "top_k": top_k, "runs": {}}
@@ -431,7 +441,7 @@ def summary_table(summary: dict, budget: int | None = None) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rstar.distributed import add_ray_arguments  # no Ray import: that waits for a --ray run
+    from rstar.search.ray_runner import add_ray_arguments  # no Ray import: that waits for a --ray run
 
     parser.add_argument(
         "--benchmark", required=True, help=f"a name ({', '.join(['world', *BENCHMARKS])}) or a problem file"
@@ -466,7 +476,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     from rstar.config import config_from_args
-    from rstar.distributed import ray_options_from_args
+    from rstar.search.ray_runner import ray_options_from_args
 
     args.overrides = [f"model.policy={json.dumps(args.policy)}", *args.overrides]
     cfg = config_from_args(args)

@@ -179,7 +179,8 @@ def build_base(cfg: Config, run: Path, size: str, name: str) -> dict:
 
 def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dict:
     from rstar.data.problems import load_problems
-    from rstar.search.run import generate, open_backends
+    from rstar.search.jobs import open_backends
+    from rstar.search.run import generate
 
     rcfg = round_search(cfg, r)
     if rcfg.search.ppm_init and not ppm:

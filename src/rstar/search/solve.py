@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from rstar.config import Config, add_config_arguments
 from rstar.search.expand import best_answer_node, derive_seed
-from rstar.search.run import add_model_arguments, check_reward, config_with_model_args, open_backends
+from rstar.search.jobs import check_reward, open_backends
+from rstar.search.run import add_model_arguments, config_with_model_args
 from rstar.search.scheduler import Backends, Job, run_jobs
 from rstar.search.tree import Tree
 

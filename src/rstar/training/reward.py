@@ -41,7 +41,7 @@ from trl import RewardConfig, RewardTrainer
 
 from rstar import RstarError, steps
 from rstar.models.ppm import REWARD_KINDS, encode, init_reward_model, pad_right, values_from_logits
-from rstar.training import (
+from rstar.training.common import (
     Records,
     load_records,
     problem_key,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rstar import steps
-from rstar.training import (
+from rstar.training.common import (
     Records,
     load_records,
     problem_key,

@@ -9,7 +9,7 @@ it is fed, so batching across problems works inside every actor exactly as on on
 Why the design is what it is:
 
 - **The driver owns the tree file.** Actors return finished records (the same dicts
-  `rstar.search.run.record` builds on one machine) and the driver appends them with
+  `rstar.search.jobs.record` builds on one machine) and the driver appends them with
   `TreeFileWriter`, so the output is byte-for-byte the single-machine format and extraction
   and training do not care how it was produced. The driver keeps the set of keys written:
   a key is never written twice, even when an actor dies after finishing a search but before
@@ -168,7 +168,7 @@ class SearchWorker:
         policy_factory: Callable[[], Any] | None = None,
         reward_factory: Callable[[], Any] | None = None,
     ):
-        from rstar.search.run import open_backends
+        from rstar.search.jobs import open_backends
         from rstar.search.treefile import versions
 
         self.cfg = cfg
@@ -225,7 +225,7 @@ class SearchWorker:
     # -- in the scheduler thread --
 
     def _serve(self) -> None:
-        from rstar.search.run import record
+        from rstar.search.jobs import record
         from rstar.search.scheduler import run_jobs
 
         def on_done(job: Job, tree: Any, info: dict) -> None:
@@ -534,7 +534,7 @@ def generate_ray(
     """
     from rstar.progress import Reporter
     from rstar.search.expand import needs_reward
-    from rstar.search.run import check_reward, prepare_run
+    from rstar.search.jobs import check_reward, prepare_run
     from rstar.search.treefile import TreeFileWriter, open_for_resume
 
     options = options or RayOptions()

@@ -1,0 +1,109 @@
+"""What a generation run is made of, shared by the one-machine runner (`search/run.py`) and the
+Ray runner (`search/ray_runner.py`): the searches to run (`make_jobs`), the backends they use
+(`open_backends`), the run directory (`prepare_run`) and the tree-file line each finished
+search becomes (`record`). Both runners import this module; it imports neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from rstar import RstarError
+from rstar.config import Config
+from rstar.search.expand import derive_seed, needs_reward
+from rstar.search.scheduler import Backends, Job
+from rstar.search.tree import Tree
+from rstar.search.treefile import open_for_resume, versions
+
+
+def searches_per_problem(cfg: Config) -> int:
+    # Best-of-N samples its N solutions inside one search; the other modes run
+    # `trajectories` independent searches, each with its own seed.
+    return 1 if cfg.search.mode == "bon" else cfg.search.trajectories
+
+
+def make_jobs(problems: list, cfg: Config, skip: set[str] = frozenset()) -> list[Job]:
+    jobs = []
+    for p in problems:
+        for i in range(searches_per_problem(cfg)):
+            job = Job(problem=p, index=i, seed=derive_seed(cfg.search.seed, p.id, i))
+            if job.key not in skip:
+                jobs.append(job)
+    return jobs
+
+
+@contextlib.contextmanager
+def open_backends(cfg: Config, policy=None, reward=None, need_grader: bool = True) -> Iterator[Backends]:
+    """Sandbox pool and grader (worker processes), started before the models are loaded so
+    their workers do not inherit the model's memory; then the policy and reward model."""
+    from rstar.grading import Grader
+    from rstar.models import load_policy, load_reward
+    from rstar.sandbox import SandboxConfig, SandboxPool
+
+    s = cfg.sandbox
+    sandbox_cfg = SandboxConfig(
+        timeout_s=s.timeout_s,
+        memory_mb=s.memory_mb,
+        max_output_bytes=s.max_output_bytes,
+        max_file_bytes=s.max_file_bytes,
+        max_processes=s.max_processes,
+        workers=s.workers,
+        output_style=s.output_style,
+    )
+    with SandboxPool(sandbox_cfg) as sandbox, contextlib.ExitStack() as stack:
+        grader = (
+            stack.enter_context(Grader(timeout_s=cfg.scheduler.grading_timeout_s)) if need_grader else None
+        )
+        policy = policy if policy is not None else load_policy(cfg.model)
+        reward = reward if reward is not None else load_reward(cfg.model)
+        yield Backends(policy=policy, sandbox=sandbox, reward=reward, grader=grader)
+
+
+def check_reward(cfg: Config, reward) -> None:
+    if reward is None and needs_reward(cfg.search):
+        what = (
+            "PPM-initialised MCTS" if cfg.search.ppm_init else f"search.mode={cfg.search.mode} at inference"
+        )
+        raise RstarError(f"{what} needs a reward model: pass --ppm DIR (or set model.ppm)")
+
+
+def record(job: Job, tree: Tree, info: dict, cfg: Config, vers: dict) -> dict:
+    """One tree-file line (docs/TREE_FILES.md)."""
+    return {
+        "key": job.key,
+        "problem": job.problem.to_dict(),
+        "search_index": job.index,
+        "seed": job.seed,
+        "mode": cfg.search.mode,
+        "answer": info["answer"],
+        "correct": info["correct"],
+        "stats": {k: info[k] for k in ("seconds", "nodes", "tokens")},
+        "tree": tree.to_dict(),
+        "config": cfg.to_dict(),
+        "versions": vers,
+    }
+
+
+def prepare_run(
+    problems: list, cfg: Config, out_dir: str | Path, resume: bool, extra: dict | None = None
+) -> tuple[Path, list[Job], dict]:
+    """Check OUT (an existing run needs `resume`), cut a partial last line off its tree file,
+    write run.json; return (OUT, the jobs not yet done, versions)."""
+    out = Path(out_dir)
+    trees_path = out / "trees.jsonl"
+    if trees_path.exists() and trees_path.stat().st_size and not resume:
+        raise RstarError(
+            f"{trees_path} already holds trees: pass --resume to continue that run, or another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    done = open_for_resume(trees_path)
+    jobs = make_jobs(problems, cfg, skip=done)
+    vers = versions()
+    (out / "run.json").write_text(
+        json.dumps({"config": cfg.to_dict(), "versions": vers, "argv": sys.argv, **(extra or {})}, indent=2)
+    )
+    return out, jobs, vers
