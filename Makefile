@@ -7,17 +7,35 @@ BIN = $(VENV)/bin
 # their own torch (and vLLM) first, see README.
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,ray,server
+# The exact versions of every package the suite last passed on (`make lock` refreshes it), so
+# that two machines installing a week apart test the same stack.
+LOCK ?= requirements.lock
 
-.PHONY: install demo eval-demo test lint format bench clean
+.PHONY: install lock upgrade demo eval-demo test lint format bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c $(LOCK) pip
+	$(BIN)/python -m pip install -q -c $(LOCK) "$(TORCH)"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	touch $@
+
+# Refresh the lock: a fresh environment with the newest versions pyproject.toml allows, frozen
+# into $(LOCK), then the suite on it. Commit the new lock only if the suite passes.
+lock:
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
-	touch $@
+	# torch's local label (+cpu) names the CPU wheel's index, not a version: drop it.
+	{ echo "# make lock: the versions the suite passed on ($(EXTRAS) extras, CPU torch). Refresh: make lock"; \
+	  $(BIN)/python -m pip freeze --all --exclude-editable | sed -e 's/^torch==\([^+]*\)+.*/torch==\1/'; } > $(LOCK)
+	touch $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+upgrade: lock
 
 demo: install
 	$(BIN)/rstar evolve

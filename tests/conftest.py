@@ -1,4 +1,4 @@
-"""Shared test helpers: where ../shared/data lies, and single-threaded torch for tiny models."""
+"""Shared test helpers: where the test data lies, and single-threaded torch for tiny models."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
-# The project's data sits beside the checkout (CI clones main next to a copy of shared/);
-# tests read it in place.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-RSTAR_FORMAT = SHARED_DATA / "rstar_format"
-BENCHMARKS = SHARED_DATA / "benchmarks"
+from rstar.data.problems import PACKAGED_BENCHMARKS
+
+# Everything a test reads lies inside the repository (tests/fixtures/README.md says where each
+# file comes from): a user's clone has nothing beside it.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+RSTAR_FORMAT = FIXTURES / "rstar_format"
+BENCHMARKS = PACKAGED_BENCHMARKS
 
 
 @pytest.fixture(scope="module")

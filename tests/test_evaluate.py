@@ -3,6 +3,8 @@ trajectories read from real tree records."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import BENCHMARKS
@@ -121,10 +123,32 @@ def _m(x: float) -> dict:
 
 
 @pytest.mark.parametrize("name", ["math500", "aime2024", "amc23", "gsm8k"])
-def test_benchmarks_by_name_from_a_local_directory(name):
-
+def test_benchmarks_by_name_from_a_local_directory(name, tmp_path, monkeypatch):
+    from rstar.evaluate import BENCHMARKS as NAMED
     from rstar.evaluate import load_benchmark
 
-    data = BENCHMARKS
-    probs = load_benchmark(name, data_dir=str(data), limit=3)
-    assert len(probs) == 3 and all(p.question and p.answer for p in probs)
+    # With no network and no data directory, the packaged file answers (the hub is never
+    # asked: HF_HUB_OFFLINE would make it fail).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RSTAR_DATA_DIR", raising=False)
+    packaged = load_benchmark(name, limit=3)
+    assert len(packaged) == 3 and all(p.question and p.answer for p in packaged)
+    # A data directory wins over the packaged file.
+    rows = [{"index": 7, "question": "What is 1 + 1?", "answer": "2"}]
+    (tmp_path / NAMED[name]["file"]).write_text(json.dumps(rows))
+    mine = load_benchmark(name, data_dir=str(tmp_path))
+    assert [(p.question, p.answer) for p in mine] == [("What is 1 + 1?", "2")]
+    monkeypatch.setenv("RSTAR_DATA_DIR", str(tmp_path))
+    assert [p.question for p in load_benchmark(name, limit=3)] == ["What is 1 + 1?"]
+    assert load_benchmark(name, data_dir=str(BENCHMARKS), limit=3) == packaged
+
+
+def test_a_named_benchmark_with_no_file_offline_names_the_ways_to_supply_it(monkeypatch):
+    from rstar import RstarError
+    from rstar.evaluate import load_benchmark
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("RSTAR_DATA_DIR", raising=False)
+    with pytest.raises(RstarError, match=r"olympiadbench_test\.json.*--data-dir.*RSTAR_DATA_DIR"):
+        load_benchmark("olympiadbench")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
+from helpers.memorise import memorise
 from rstar import steps
 from rstar.models.base import Completion, GenRequest, Policy
 from rstar.models.hf import HFPolicy, _GeneratedStopCriteria, first_stop
@@ -44,18 +45,9 @@ def trained(tiny_dir: Path):
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    ids = tok(TRAIN_TEXT, return_tensors="pt")["input_ids"]  # (1, T)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model.train()
-        for _ in range(80):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    model.eval()
-    assert loss.item() < 0.1, f"memorisation failed (loss {loss.item():.2f})"
+    # Until greedy decoding goes on with STEP after the header and after every STEP.
+    cases = [(HEADER + STEP * k, STEP) for k in range(4)]
+    memorise(model, tok, TRAIN_TEXT, cases)
     return model, tok
 
 

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
+from helpers.memorise import memorise
 from rstar import RstarError, steps
 from rstar.models.base import Completion, GenRequest, Policy
 from rstar.models.hf import HFPolicy, first_stop
@@ -115,22 +116,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = build_tiny_policy(tmp_path_factory.mktemp("http") / "policy", seed=0)
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
-    ids = tok(TRAIN_TEXT, return_tensors="pt")["input_ids"]  # (1, T)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster for a tiny model
     try:
-        opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model.train()
-            for _ in range(150):
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
+        # Until greedy decoding gives every step the tests expect (a fixed step count reaches
+        # different losses on different CPUs).
+        memorise(model, tok, TRAIN_TEXT, CASES)
     finally:
         torch.set_num_threads(threads)
-    assert loss.item() < 0.05, f"memorisation failed (loss {loss.item():.3f})"
     model.save_pretrained(out)
     return out
 

@@ -35,6 +35,10 @@ from typing import Any
 
 from rstar import RstarError
 
+# Benchmark files that ship with the package (the authors' eval_data format; see README.md
+# beside them for their source and licence): `rstar eval --benchmark math500` works offline.
+PACKAGED_BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
+
 
 @dataclass
 class Problem:
