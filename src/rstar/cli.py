@@ -15,7 +15,7 @@ from rstar import RstarError
 
 # name -> (module that implements it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "exec": ("rstar.sandbox", "run a Python file in the sandbox and print its output"),
+    "exec": ("rstar.sandbox.cli", "run a Python file in the sandbox and print its output"),
     "grade": ("rstar.grading", "check answer equivalence (math-verify, killable workers)"),
     "problems": ("rstar.data.problems", "load a problem set and print it as JSONL"),
     "model": ("rstar.models.tiny", "write a tiny Qwen2 policy (and tokenizer) for tests and demos"),

@@ -42,10 +42,10 @@ import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO
 
 from rstar.steps import extract_boxed
+from rstar.workers import STARTUP_TIMEOUT_S, kill_process, worker_command
 
 # Reasons a GradeResult can carry. Only the "settled" ones are cached by the parent: a timeout
 # or a dead worker may go differently next time (the machine was loaded, a worker was killed).
@@ -59,7 +59,6 @@ _SETTLED = frozenset({REASON_OK, REASON_STRING, REASON_PARSE})
 
 _CACHE_SIZE = 65536  # parent-side (gold, pred) -> result cache; MCTS repeats answers a lot
 _MAX_BATCH = 32  # items per worker round trip (bounds the work redone after a kill)
-_STARTUP_TIMEOUT_S = 120.0  # importing sympy + math-verify takes ~1-2 s; allow a loaded machine
 
 
 @dataclass
@@ -77,7 +76,11 @@ class GraderError(RuntimeError):
 
 
 @dataclass
-class _Worker:
+class GraderWorker:
+    """The grader's handle on one worker process (its state in the event loop of `Grader._run`).
+    Starting and killing a worker is shared with the sandbox (`rstar.workers`); the line protocol
+    and its per-item deadlines are the grader's own."""
+
     proc: subprocess.Popen
     stderr: IO[bytes]  # a temp file: read back only to explain a worker that fails to start
     started: float
@@ -103,7 +106,7 @@ _SPAWNER: ThreadPoolExecutor | None = None
 _SPAWNER_LOCK = threading.Lock()
 
 
-def _spawn_worker(memory_mb: int | None) -> _Worker:
+def _spawn_worker(memory_mb: int | None) -> GraderWorker:
     # Workers ask the kernel to kill them when their parent goes (PR_SET_PDEATHSIG), and Linux
     # ties that to the *thread* that forked them. So all workers are started from one
     # long-lived thread: a grader created in a short-lived thread keeps its workers.
@@ -114,17 +117,15 @@ def _spawn_worker(memory_mb: int | None) -> _Worker:
     return _SPAWNER.submit(_start_worker, memory_mb).result()
 
 
-def _start_worker(memory_mb: int | None) -> _Worker:
-    # The worker is `python -c` importing this module; put our source root on its path so
-    # this works from a source checkout as well as from an installed package.
-    src_root = str(Path(__file__).resolve().parents[1])
+def _start_worker(memory_mb: int | None) -> GraderWorker:
+    # A fresh interpreter that imports this module (`rstar.workers`), not a fork: the search
+    # process may hold torch and gigabytes of address space.
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
     env["RSTAR_GRADER_PARENT"] = str(os.getpid())
     env["RSTAR_GRADER_MEMORY_MB"] = str(memory_mb or 0)
     stderr = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from rstar.grading import _worker_main; _worker_main()"],
+        worker_command("rstar.grading"),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=stderr,
@@ -133,24 +134,14 @@ def _start_worker(memory_mb: int | None) -> _Worker:
     )
     assert proc.stdin is not None
     os.set_blocking(proc.stdin.fileno(), False)  # see _run: writes must never block the parent
-    return _Worker(proc=proc, stderr=stderr, started=time.monotonic())
+    return GraderWorker(proc=proc, stderr=stderr, started=time.monotonic())
 
 
-def _kill_worker(w: _Worker) -> None:
-    try:
-        w.proc.kill()
-    except ProcessLookupError:
-        pass
-    w.proc.wait()
-    for f in (w.proc.stdin, w.proc.stdout, w.stderr):
-        try:
-            if f is not None:
-                f.close()
-        except OSError:
-            pass
+def _kill_worker(w: GraderWorker) -> None:
+    kill_process(w.proc, w.stderr)
 
 
-def _stderr_tail(w: _Worker, n: int = 2000) -> str:
+def _stderr_tail(w: GraderWorker, n: int = 2000) -> str:
     try:
         w.stderr.seek(0)
         return w.stderr.read().decode("utf-8", "replace")[-n:]
@@ -182,7 +173,7 @@ class Grader:
         # (cheap) and only real hangs cost a kill and a ~1-2 s respawn; not much under it, as a
         # loaded machine makes ordinary checks slow (a cold worker's first matrix comparison).
         self._inner_timeout = max(1, int(self.timeout_s * 0.6))
-        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._idle: queue.Queue[GraderWorker] = queue.Queue()
         self._closed = False
         self._cache: OrderedDict[tuple[str, str], GradeResult] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -258,7 +249,7 @@ class Grader:
 
     # -- pool ----------------------------------------------------------------------------------
 
-    def _checkout(self, n_items: int) -> list[_Worker]:
+    def _checkout(self, n_items: int) -> list[GraderWorker]:
         # Block for one worker, then take whatever else is idle, up to what the items can use.
         while True:
             if self._closed:
@@ -279,14 +270,14 @@ class Grader:
                 self._replace(got, w)
         return got
 
-    def _checkin(self, workers: list[_Worker]) -> None:
+    def _checkin(self, workers: list[GraderWorker]) -> None:
         for w in workers:
             if self._closed:
                 _kill_worker(w)
             else:
                 self._idle.put(w)
 
-    def _replace(self, workers: list[_Worker], w: _Worker) -> _Worker:
+    def _replace(self, workers: list[GraderWorker], w: GraderWorker) -> GraderWorker:
         _kill_worker(w)
         new = _spawn_worker(self.memory_mb)
         workers[workers.index(w)] = new
@@ -296,7 +287,7 @@ class Grader:
 
     # -- the event loop of one grade_many call -------------------------------------------------
 
-    def _run(self, workers: list[_Worker], pairs: list[tuple[str, str]]) -> list[GradeResult]:
+    def _run(self, workers: list[GraderWorker], pairs: list[tuple[str, str]]) -> list[GradeResult]:
         n = len(pairs)
         results: list[GradeResult | None] = [None] * n
         pending: deque[int] = deque(range(n))
@@ -306,7 +297,7 @@ class Grader:
         # Only the final answer travels when there is a \boxed (long model outputs stay here).
         wire = [(g, _wire_pred(p)) for g, p in pairs]
 
-        def assign(w: _Worker) -> None:
+        def assign(w: GraderWorker) -> None:
             if w.batch or not pending:
                 return
             take = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
@@ -316,14 +307,14 @@ class Grader:
             # that stops reading must not block the parent past its deadline.
             w.outbuf = (json.dumps(msg) + "\n").encode()
 
-        def finish(w: _Worker, res: GradeResult) -> None:
+        def finish(w: GraderWorker, res: GradeResult) -> None:
             results[w.batch[w.next_k]] = res
             w.next_k += 1
             w.item_start = time.monotonic()
             if w.next_k == len(w.batch):
                 w.batch, w.next_k = [], 0
 
-        def fail_and_replace(w: _Worker, reason: str) -> _Worker:
+        def fail_and_replace(w: GraderWorker, reason: str) -> GraderWorker:
             # The rest of its batch goes back to the queue. The item it was on gets `reason`,
             # except that a death gets one retry: a worker killed from outside (OOM killer, a
             # user) says nothing about the item, while a crash the item causes recurs.
@@ -340,7 +331,7 @@ class Grader:
             assign(new)
             return new
 
-        def on_readable(w: _Worker) -> None:
+        def on_readable(w: GraderWorker) -> None:
             try:
                 data = os.read(w.fd, 1 << 16)
             except OSError:
@@ -370,7 +361,7 @@ class Grader:
                 finish(w, GradeResult(bool(eq), str(reason)))
             assign(w)
 
-        def on_writable(w: _Worker) -> None:
+        def on_writable(w: GraderWorker) -> None:
             try:
                 sent = os.write(w.in_fd, w.outbuf)
             except BlockingIOError:
@@ -406,7 +397,7 @@ class Grader:
                             w.batch = []
                             self._replace(workers, w)
                             raise GraderError(
-                                f"grading worker not ready after {_STARTUP_TIMEOUT_S:.0f} s:\n{tail}"
+                                f"grading worker not ready after {STARTUP_TIMEOUT_S:.0f} s:\n{tail}"
                             )
                         with self._stats_lock:
                             self.stats["timeouts"] += 1
@@ -422,9 +413,9 @@ class Grader:
                     self._replace(workers, w)
         return [r if r is not None else GradeResult(False, REASON_ERROR) for r in results]
 
-    def _deadline(self, w: _Worker) -> float:
+    def _deadline(self, w: GraderWorker) -> float:
         if not w.ready:
-            return w.started + _STARTUP_TIMEOUT_S
+            return w.started + STARTUP_TIMEOUT_S
         return w.item_start + self.timeout_s
 
 
