@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from rstar import RstarError
+from rstar.sandbox.settings import SandboxConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -51,8 +52,10 @@ class SearchConfig:
     c_puct: float = _f(2.0, "UCT exploration constant c in Q(s) + c*sqrt(ln N_parent / N(s))")
     unvisited: str = _f(
         "inf",
-        "UCT of an unvisited child: 'inf' (textbook: visit every child once first) or 'zero' "
-        "(the authors' code: exploration term 0, so round-1 search is nearly depth-first)",
+        "UCT of an unvisited child that has no PPM value (rounds 1-2): 'inf' (textbook: visit every "
+        "child once first) or 'zero' (the authors' code: q = 0 and no exploration term, so the search "
+        "goes deep first). A child with a PPM value (rounds 3-4, inference) is ranked by it instead, "
+        "and PPM-initialised children start with one visit",
     )
     error_threshold: int = _f(
         1,
@@ -80,21 +83,6 @@ class SearchConfig:
     )
     seed: int = _f(
         0, "run seed; each problem's search seed derives from it, the problem id and the search index"
-    )
-
-
-@dataclass
-class SandboxSettings:
-    timeout_s: float = _f(5.0, "wall-clock limit of one program run (CPU time is limited to the same)")
-    memory_mb: int = _f(512, "address-space limit of one program run")
-    max_output_bytes: int = _f(64_000, "captured output beyond this is cut and the run is an error")
-    max_file_bytes: int = _f(1_000_000, "largest file a program may write in its private directory")
-    max_processes: int = _f(16, "process limit of a program (fork bombs stop here)")
-    workers: int = _f(2, "warm sandbox workers")
-    output_style: str = _f(
-        "faithful",
-        "'faithful' (what Python prints) or 'authors' (their executor: 4-decimal floats, their error format) "
-        "for policies trained on their released data",
     )
 
 
@@ -223,7 +211,7 @@ class EvolveConfig:
 @dataclass
 class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
-    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sft: TrainConfig = field(default_factory=TrainConfig)
@@ -260,12 +248,6 @@ def validate(cfg: Config) -> None:
         _check(getattr(s, name) >= 1, f"search.{name}", getattr(s, name), "an integer >= 1")
     _check(0 < s.top_p <= 1, "search.top_p", s.top_p, "in (0, 1]")
     _check(s.temperature >= 0, "search.temperature", s.temperature, ">= 0")
-    _check(
-        cfg.sandbox.output_style in ("faithful", "authors"),
-        "sandbox.output_style",
-        cfg.sandbox.output_style,
-        "faithful | authors",
-    )
     _check(
         cfg.model.backend in ("hf", "vllm", "openai"),
         "model.backend",
@@ -376,7 +358,12 @@ def from_dict(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
             kwargs[name] = from_dict(tp, value, f"{where}{name}.", base=getattr(base, name))
         else:
             kwargs[name] = _coerce(tp, value, f"{where}{name}")
-    return dataclasses.replace(base, **kwargs)
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except RstarError:
+        raise
+    except ValueError as e:  # a section that checks itself (SandboxConfig.__post_init__)
+        raise ConfigError(f"{where}{e}") from e
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -168,7 +169,7 @@ class SandboxPool:
 def run_code(code: str, config: SandboxConfig | None = None) -> ExecResult:
     """Run one program (starts and stops a worker: use a SandboxPool for many)."""
     cfg = config or SandboxConfig()
-    one = SandboxConfig(**{**cfg.__dict__, "workers": 1})
+    one = dataclasses.replace(cfg, workers=1)
     with SandboxPool(one, eager=False) as pool:
         return pool.run(code)
 

@@ -4,7 +4,8 @@ this package too."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 OUTPUT_STYLES = ("faithful", "authors")
 ISOLATION_MODES = ("auto", "rlimits")
@@ -24,47 +25,56 @@ HEAVY_PRELOAD: tuple[str, ...] = ("numpy", "sympy", "mpmath", "secrets")
 AUTHORS_MAX_CHARS = 1024
 
 
+def _f(default: Any, help: str) -> Any:
+    """A field with its meaning attached (`rstar config show` prints it)."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class SandboxConfig:
-    """Limits of one program run and the shape of the pool.
+    """Limits of one program run and the shape of the pool; the `sandbox` section of
+    `rstar.config.Config` (each field's help says what it sets)."""
 
-    timeout_s: wall-clock limit of one program; CPU time is limited to the same (rounded up).
-    memory_mb: address space a program may add on top of the warm interpreter it is forked from.
-    max_output_bytes: stdout beyond this is cut (with a marker) and the run is an error.
-    max_file_bytes: largest file a program may write (RLIMIT_FSIZE).
-    max_processes: processes a program may have at once, itself included (RLIMIT_NPROC).
-    workers: programs run at the same time.
-    output_style: "faithful" (what Python prints) or "authors" (their executor's observations).
-    isolation: "auto" (namespaces where the platform allows) or "rlimits" (rlimits, a private
-        working directory and, as root, the privilege drop only).
-    light_workers: route programs that do not mention numpy/sympy/mpmath to workers that did not
-        import them (a fork of a small interpreter is cheaper); False = every worker is heavy.
-    preload: modules every worker imports before forking programs.
-    heavy_preload: modules heavy workers import as well.
-    tmpfs_mb: size of the private /tmp (namespaces only).
-    authors_max_chars: output cut of the authors' style (their `truncate_string`).
-    """
-
-    timeout_s: float = 5.0
-    memory_mb: int = 512
-    max_output_bytes: int = 64_000
-    max_file_bytes: int = 1_000_000
-    max_processes: int = 16
-    workers: int = 2
-    output_style: str = "faithful"
-    isolation: str = "auto"
-    light_workers: bool = True
-    preload: tuple[str, ...] = LIGHT_PRELOAD
-    heavy_preload: tuple[str, ...] = HEAVY_PRELOAD
-    tmpfs_mb: int = 64
-    authors_max_chars: int = AUTHORS_MAX_CHARS
+    timeout_s: float = _f(5.0, "wall-clock limit of one program run (CPU time is limited to the same)")
+    memory_mb: int = _f(
+        512, "address space a program may add on top of the warm interpreter it is forked from"
+    )
+    max_output_bytes: int = _f(64_000, "output beyond this is cut (with a marker) and the run is an error")
+    max_file_bytes: int = _f(1_000_000, "largest file a program may write (RLIMIT_FSIZE)")
+    max_processes: int = _f(
+        16, "processes a program may have at once, itself included (RLIMIT_NPROC: fork bombs stop here)"
+    )
+    workers: int = _f(2, "programs run at the same time (warm sandbox workers)")
+    output_style: str = _f(
+        "faithful",
+        "'faithful' (what Python prints) or 'authors' (their executor: 4-decimal floats, their error format) "
+        "for policies trained on their released data",
+    )
+    isolation: str = _f(
+        "auto",
+        "'auto' (namespaces where the platform allows) or 'rlimits' (rlimits, a private working directory "
+        "and, as root, the privilege drop only); docs/sandbox.md",
+    )
+    light_workers: bool = _f(
+        True,
+        "route programs that do not mention numpy/sympy/mpmath to workers that did not import them (a fork "
+        "of a small interpreter is cheaper); false = every worker is heavy",
+    )
+    preload: list[str] = _f(LIGHT_PRELOAD, "modules every worker imports before forking programs")
+    heavy_preload: list[str] = _f(HEAVY_PRELOAD, "modules heavy workers import as well")
+    tmpfs_mb: int = _f(64, "size of the private /tmp (namespace isolation only)")
+    authors_max_chars: int = _f(
+        AUTHORS_MAX_CHARS, "output cut of the 'authors' style (their `truncate_string`)"
+    )
 
     def __post_init__(self) -> None:
         if self.output_style not in OUTPUT_STYLES:
-            raise ValueError(f"output_style must be one of {OUTPUT_STYLES}, got {self.output_style!r}")
+            raise ValueError(f"output_style={self.output_style!r}: expected {' | '.join(OUTPUT_STYLES)}")
         if self.isolation not in ISOLATION_MODES:
-            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {self.isolation!r}")
+            raise ValueError(f"isolation={self.isolation!r}: expected {' | '.join(ISOLATION_MODES)}")
         if self.timeout_s <= 0 or self.memory_mb <= 0 or self.workers < 1 or self.max_processes < 1:
             raise ValueError("timeout_s, memory_mb, workers and max_processes must be positive")
-        self.preload = tuple(self.preload)
-        self.heavy_preload = tuple(self.heavy_preload)
+        self.preload = list(self.preload)
+        self.heavy_preload = list(self.heavy_preload)

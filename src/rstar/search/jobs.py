@@ -42,19 +42,9 @@ def open_backends(cfg: Config, policy=None, reward=None, need_grader: bool = Tru
     their workers do not inherit the model's memory; then the policy and reward model."""
     from rstar.grading import Grader
     from rstar.models import load_policy, load_reward
-    from rstar.sandbox import SandboxConfig, SandboxPool
+    from rstar.sandbox import SandboxPool
 
-    s = cfg.sandbox
-    sandbox_cfg = SandboxConfig(
-        timeout_s=s.timeout_s,
-        memory_mb=s.memory_mb,
-        max_output_bytes=s.max_output_bytes,
-        max_file_bytes=s.max_file_bytes,
-        max_processes=s.max_processes,
-        workers=s.workers,
-        output_style=s.output_style,
-    )
-    with SandboxPool(sandbox_cfg) as sandbox, contextlib.ExitStack() as stack:
+    with SandboxPool(cfg.sandbox) as sandbox, contextlib.ExitStack() as stack:
         grader = (
             stack.enter_context(Grader(timeout_s=cfg.scheduler.grading_timeout_s)) if need_grader else None
         )
