@@ -78,8 +78,78 @@ class ScriptedReward:
                 values.append(0.9 if got == str(a + b) else -0.9)
             elif "undefined_helper" in step:
                 values.append(-0.5)
-            elif f"{a} + {b}" in step or f"{a} + {b}" in prefix:
+            elif f"x = {a} + {b}" in step:
                 values.append(0.6)
-            else:
+            elif f"x = {a} - {b}" in step:
                 values.append(-0.6)
+            else:  # the print step: as good as the code it prints (the prefix's first step)
+                values.append(0.5 if f"x = {a} + {b}" in prefix else -0.5)
         return values
+
+
+class BranchingPolicy:
+    """A policy whose trees have a known shape, for the search's invariants.
+
+    Questions are "What is A + B?". A program is `depth` code steps, then a print step, then an
+    answer that copies the executed output. At each code step the candidates are `valid`
+    distinct steps that keep x = A + B, `wrong` that set x = A - B, and `failing` whose code
+    raises a NameError. Sampling takes the candidates in turn from a seeded offset (n >= the
+    number of candidates covers them all), or, with `fail_p`, each sample independently fails
+    with that probability and is otherwise a random valid step.
+    """
+
+    def __init__(self, depth=2, valid=1, wrong=0, failing=0, fail_p=None):
+        self.depth, self.valid, self.wrong, self.failing, self.fail_p = depth, valid, wrong, failing, fail_p
+        self.calls: list[list[GenRequest]] = []
+
+    @staticmethod
+    def step(k: int, code: str, tag: str) -> str:
+        return ("<code>\n" if k == 0 else "\n\n") + f"# Step {k + 1}: {tag}\n{code}\n<end_of_step>"
+
+    def _candidates(self, prompt: str) -> tuple[list[str], list[str]]:
+        """(valid or wrong candidates, failing candidates) for the next step of `prompt`."""
+        a, b = numbers(prompt)
+        tail = prompt.rsplit("Let's think step by step and solve the problem with code.", 1)[1]
+        if "<end_of_output>" in tail:
+            out = re.findall(r"<output>(.*?)<end_of_output>", tail, re.S)[-1].strip()
+            return [ANSWER_STEP.format(out=out)], []
+        k = tail.count("<end_of_step>")
+        if k >= self.depth:
+            return [PRINT_STEP], []
+        # A step keeps the previous x (or sets it at the first step), so that every valid path
+        # prints A + B and a wrong step anywhere makes the answer wrong.
+        keep = f"x = {a} + {b}" if k == 0 else "x = x"
+        runs = [self.step(k, f"{keep}  # way {j}", f"keep the sum, way {j}") for j in range(self.valid)]
+        runs += [self.step(k, f"x = {a} - {b} + {j} * 0", f"subtract, way {j}") for j in range(self.wrong)]
+        fails = [self.step(k, f"x = undefined_{j}", f"a helper, way {j}") for j in range(self.failing)]
+        return runs, fails
+
+    def generate(self, requests: list[GenRequest]) -> list[list[Completion]]:
+        self.calls.append(list(requests))
+        out = []
+        for r in requests:
+            runs, fails = self._candidates(r.prompt)
+            rng = random.Random(r.seed)
+            if self.fail_p is not None and fails:
+                picks = [
+                    rng.choice(fails) if rng.random() < self.fail_p else rng.choice(runs) for _ in range(r.n)
+                ]
+            else:
+                options = runs + fails
+                start = rng.randrange(len(options))
+                picks = [options[(start + i) % len(options)] for i in range(r.n)]
+            out.append([Completion(text=t, stop_reason="stop", n_tokens=len(t) // 4) for t in picks])
+        return out
+
+
+class TableReward:
+    """A reward model that scores a step by the first of `table`'s substrings it contains
+    (else `default`): e.g. {"way 7": 0.95} makes one sibling the favourite."""
+
+    def __init__(self, table: dict[str, float] | None = None, default: float = 0.0):
+        self.table, self.default = table or {}, default
+        self.calls = 0
+
+    def score(self, prefixes: list[str], steps: list[str]) -> list[float]:
+        self.calls += 1
+        return [next((v for k, v in self.table.items() if k in step), self.default) for step in steps]

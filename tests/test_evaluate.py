@@ -152,3 +152,19 @@ def test_a_named_benchmark_with_no_file_offline_names_the_ways_to_supply_it(monk
     monkeypatch.delenv("RSTAR_DATA_DIR", raising=False)
     with pytest.raises(RstarError, match=r"olympiadbench_test\.json.*--data-dir.*RSTAR_DATA_DIR"):
         load_benchmark("olympiadbench")
+
+
+def test_inference_mcts_uses_step_values_whatever_the_preset():
+    """Evaluation's MCTS + PPM is the paper's inference search: every step starts from its
+    PPM value and the answer's PPM score is backed up, even from a data-generation preset."""
+    from rstar.config import load_config
+    from rstar.evaluate import eval_search_config
+
+    for preset in ("embedded", "round2", "eval"):
+        s = eval_search_config(load_config(preset).search, "mcts", 8, "searches")
+        assert (s.mode, s.ppm_init, s.terminal_guided, s.trajectories) == ("mcts", True, False, 8)
+        s = eval_search_config(load_config(preset).search, "mcts", 8, "rollouts")
+        assert (s.rollouts, s.trajectories) == (8, 1)
+        s = eval_search_config(load_config(preset).search, "bon", 8, "rollouts")
+        assert (s.mode, s.trajectories) == ("bon", 8)
+        assert eval_search_config(load_config(preset).search, "greedy", 8, "searches").trajectories == 1

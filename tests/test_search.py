@@ -4,6 +4,7 @@ and grader; the scheduler's cross-problem batching; tree-file resume."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -15,9 +16,9 @@ from rstar.sandbox import SandboxConfig, SandboxPool
 from rstar.search.expand import best_answer_node, derive_seed
 from rstar.search.run import generate
 from rstar.search.scheduler import Backends, Job, run_jobs
-from rstar.search.tree import ANSWER, CODE_ERROR, Tree, select_child, uct
+from rstar.search.tree import ANSWER, CODE_ERROR, TOO_DEEP, Tree, select_child, uct
 from rstar.search.treefile import iter_records
-from scripted import ScriptedPolicy, ScriptedReward
+from scripted import BranchingPolicy, ScriptedPolicy, ScriptedReward, TableReward
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +53,43 @@ def search(cfg, backends, probs) -> list[tuple[Job, Tree, dict]]:
     return done
 
 
-def check_tree_invariants(tree: Tree) -> None:
+def below(tree: Tree, node) -> list:
+    """`node` and every node under it."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(tree.children(n))
+    return out
+
+
+def check_structure(tree: Tree) -> None:
+    """Links agree, depths count from the root, terminals have no children."""
     for node in tree.nodes:
         for cid in node.children:
             child = tree.nodes[cid]
             assert child.parent == node.id and child.depth == node.depth + 1
-        if node.children and not node.is_terminal:
-            # visits through a node = visits that went on to one of its children
-            assert node.N == sum(tree.nodes[c].N for c in node.children)
         if node.terminal is not None:
             assert not node.children
+
+
+def check_tree_invariants(tree: Tree, ppm_init: bool = False) -> None:
+    """What every MCTS tree satisfies: answers are backed up once each, invalid terminals hold
+    -1 on themselves alone, a PPM-initialised node counts its initial value as one visit, and
+    so every Q lies in [-1, 1]."""
+    check_structure(tree)
+    for node in tree.nodes:
+        assert -1.0 <= node.Q <= 1.0, node
+        if node.is_terminal and node.terminal != ANSWER:
+            assert (node.q, node.N) == (-1.0, 1), node  # pruned: never visited, never backed up
+            continue
+        answers = [n for n in below(tree, node) if n.terminal == ANSWER]
+        init = 1 if ppm_init and node.id != 0 and not node.is_terminal else 0
+        assert node.N == init + len(answers), node
+        start = node.value if init else 0.0
+        assert node.q == pytest.approx(start + sum(a.q for a in answers)), node
+        if node.terminal == ANSWER:
+            assert node.N == 1  # backed up once, when it was created
 
 
 def test_mcts_data_generation_prefers_the_right_step(sandbox, grader):
@@ -69,17 +97,17 @@ def test_mcts_data_generation_prefers_the_right_step(sandbox, grader):
     backends = Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader)
     [(job, tree, info)] = search(cfg, backends, problems(1))
     check_tree_invariants(tree)
-    assert tree.root.N == 12
     firsts = {
         ("+" if " + " in c.text and "undefined" not in c.text else "-" if " - " in c.text else "err"): c
         for c in tree.children(tree.root)
     }
-    # The error step is a terminal with value -1 (error threshold 1 in round 2).
-    if "err" in firsts:
-        assert firsts["err"].terminal == CODE_ERROR and firsts["err"].exec_ok is False
-        assert firsts["err"].Q == -1.0
+    # The error step is pruned (error threshold 1 in round 2): -1 on itself, never visited.
+    assert firsts["err"].terminal == CODE_ERROR and firsts["err"].exec_ok is False
+    assert (firsts["err"].q, firsts["err"].N) == (-1.0, 1)
     assert firsts["+"].Q == 1.0 and firsts["-"].Q == -1.0
-    assert firsts["+"].N > firsts["-"].N  # visits concentrate on the right branch
+    # Two programs run, so two answers exist: the search stops once both are found.
+    assert tree.root.N == 2 and tree.root.q == 0.0
+    assert sorted(a.rollout for a in tree.answers()) == [0, 1]
     answers = tree.answers()
     assert {a.answer for a in answers if a.correct} == {job.problem.answer}
     assert all(a.terminal == ANSWER for a in answers)
@@ -87,6 +115,23 @@ def test_mcts_data_generation_prefers_the_right_step(sandbox, grader):
     # the executed output is part of the code_end step, exactly as in the authors' data
     code_end = tree.nodes[answers[0].parent]
     assert code_end.text.endswith(f"<end_of_code>\n<output>{code_end.observation}<end_of_output>")
+
+
+def test_mcts_visits_concentrate_on_the_branch_that_gets_answers_right(sandbox, grader):
+    # First steps: 3 that keep the sum (then 3 of 4 second steps are right) and 1 that
+    # subtracts (every answer below it is wrong).
+    policy = BranchingPolicy(depth=2, valid=3, wrong=1)
+    cfg = load_config("round2", overrides=["search.rollouts=12", "search.num_samples=4"])
+    for p in problems(3):
+        [(_, tree, _)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), [p])
+        check_tree_invariants(tree)
+        assert tree.root.N == 12  # each rollout ended at a new answer
+        firsts = tree.children(tree.root)
+        wrong = [c for c in firsts if " - " in c.text]
+        right = [c for c in firsts if " - " not in c.text]
+        assert len(wrong) == 1 and len(right) == 3
+        assert wrong[0].Q == -1.0 and all(c.Q > 0 for c in right)
+        assert wrong[0].N <= 2 < min(c.N for c in right)
 
 
 def test_error_threshold_two_lets_a_failed_step_continue(sandbox, grader):
@@ -99,38 +144,134 @@ def test_error_threshold_two_lets_a_failed_step_continue(sandbox, grader):
     assert err and err[0].exec_ok is False and err[0].error_streak == 1 and err[0].terminal is None
 
 
-def test_uct_unvisited_switch():
+def test_uct_unvisited_switch_and_ppm_values():
     tree = Tree.new("q", "p")
+    tree.root.expanded = True
     a = tree.add_child(tree.root, "a")
     b = tree.add_child(tree.root, "b")
-    tree.root.N, a.N, a.q, b.q = 1, 1, 1.0, 0.3
+    tree.root.N, a.N, a.q = 1, 1, 1.0
     assert uct(b, tree.root, 2.0, "inf") == float("inf")
-    assert uct(b, tree.root, 2.0, "zero") == pytest.approx(0.3)  # the authors' code: Q, no bonus
+    assert uct(b, tree.root, 2.0, "zero") == 0.0  # the authors' code: q = 0, no bonus
     assert select_child(tree, tree.root, 2.0, "zero", random.Random(0)) is a
     assert select_child(tree, tree.root, 2.0, "inf", random.Random(0)) is b
+    # A PPM value ranks an unvisited child, whatever the switch.
+    b.value = 0.3
+    assert uct(b, tree.root, 2.0, "inf") == uct(b, tree.root, 2.0, "zero") == 0.3
+    # A visited child: Q plus the exploration term (paper eq. 1).
+    tree.root.N, a.N, a.q = 5, 2, 1.0
+    assert uct(a, tree.root, 2.0, "inf") == pytest.approx(0.5 + 2.0 * math.sqrt(math.log(5) / 2))
+    # Terminals are never selected; with none open, there is nothing to select.
+    a.terminal, b.terminal = ANSWER, CODE_ERROR
+    assert select_child(tree, tree.root, 2.0, "inf", random.Random(0)) is None
 
 
-def test_ppm_initialised_q(sandbox, grader):
-    cfg = load_config("round3", overrides=["search.rollouts=4", "search.num_samples=3"])
-    reward = ScriptedReward()
-    backends = Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader, reward=reward)
-    [(_, tree, _)] = search(cfg, backends, problems(1))
+def test_ppm_initialised_q_stays_in_range(sandbox, grader):
+    # Round 3 with a PPM that says 0.8 everywhere: each new node starts at q = 0.8 with one
+    # visit; answers are scored by the gold answer alone (+1/-1), so Q stays in [-1, 1].
+    cfg = load_config("round3", overrides=["search.rollouts=8", "search.num_samples=4"])
+    reward = TableReward(default=0.8)
+    policy = BranchingPolicy(depth=2, valid=2, wrong=1, failing=1)
+    [(_, tree, _)] = search(
+        cfg, Backends(policy=policy, sandbox=sandbox, grader=grader, reward=reward), problems(1)
+    )
     assert reward.calls > 0
+    check_tree_invariants(tree, ppm_init=True)
     for node in tree.nodes[1:]:
-        assert node.value is not None
-        if node.N == 0:
-            assert node.q == node.value  # q(s)^0 = PPM(x + s_1..s_i), untouched by backups
+        assert node.value == 0.8
+        if node.terminal == ANSWER:
+            assert (node.q, node.N) == ((1.0 if node.correct else -1.0), 1)
+    assert any(a.correct for a in tree.answers()) and any(not a.correct for a in tree.answers())
 
 
 def test_inference_mcts_uses_reward_values(sandbox, grader):
     cfg = load_config("eval", overrides=["search.rollouts=6", "search.num_samples=8"])
+    assert cfg.search.ppm_init and not cfg.search.terminal_guided
     backends = Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader, reward=ScriptedReward())
     results = search(cfg, backends, problems(3))
     for job, tree, info in results:
-        check_tree_invariants(tree)
+        check_tree_invariants(tree, ppm_init=True)
+        for a in tree.answers():
+            assert (a.q, a.N) == (a.value, 1)  # the answer's PPM score, counted once
         best = best_answer_node(tree)
         assert best.answer == job.problem.answer and best.value == pytest.approx(0.9)
         assert info["correct"] is True
+
+
+def test_failed_code_is_pruned(sandbox, grader):
+    # One way to keep the sum and three failing steps at each of two code steps: 12 samples
+    # cover all four, 8 rollouts. The failing steps are never selected and back nothing up;
+    # the one program that runs is found by the first rollout, which ends the search.
+    policy = BranchingPolicy(depth=2, valid=1, failing=3)
+    cfg = load_config("round2", overrides=["search.rollouts=8", "search.num_samples=12"])
+    [(_, tree, info)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    check_tree_invariants(tree)
+    failed = [n for n in tree.nodes if n.terminal == CODE_ERROR]
+    assert len(failed) == 6 and all((n.q, n.N) == (-1.0, 1) for n in failed)
+    assert tree.root.N == 1 and tree.root.q == 1.0 and info["correct"] is True
+    assert len(policy.calls) == 4  # root, step 1, step 2, print: no call after the tree closed
+    # With three programs that run per step, each of the 8 rollouts finds a new answer.
+    policy = BranchingPolicy(depth=2, valid=3, failing=3)
+    cfg = load_config("round2", overrides=["search.rollouts=8", "search.num_samples=6"])
+    [(_, tree, _)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    check_tree_invariants(tree)
+    assert sorted(a.rollout for a in tree.answers()) == list(range(8))
+    assert tree.root.N == 8 and tree.root.q == 8.0
+
+
+def test_mcts_invariants_over_random_scripted_trees(sandbox, grader):
+    """Random tree shapes, failure rates and presets: every invariant of check_tree_invariants."""
+    rng = random.Random(0)
+    for _ in range(12):
+        preset = rng.choice(["round1", "round2", "round3", "eval"])
+        policy = BranchingPolicy(
+            depth=rng.randint(1, 3),
+            valid=rng.randint(1, 3),
+            wrong=rng.randint(0, 2),
+            failing=rng.randint(1, 3),
+            fail_p=rng.choice([None, 0.2, 0.5]),
+        )
+        overrides = [
+            f"search.rollouts={rng.randint(1, 10)}",
+            f"search.num_samples={rng.randint(2, 6)}",
+            f"search.unvisited={rng.choice(['inf', 'zero'])}",
+            "search.prompt_style=sft",
+            "search.stop_at_output=false",
+        ]
+        cfg = load_config(preset, overrides=overrides)
+        reward = TableReward({"way 0": 0.7, "undefined": -0.8, "boxed": 0.5}, default=-0.2)
+        backends = Backends(policy=policy, sandbox=sandbox, grader=grader, reward=reward)
+        for _, tree, _ in search(cfg, backends, problems(2)):
+            check_tree_invariants(tree, ppm_init=cfg.search.ppm_init)
+            # No rollout ended at a failed step: each is -1 on itself with one visit (never
+            # backed up), and every ancestor counts only answers (and its PPM visit).
+            assert all(a.rollout is not None and a.rollout < cfg.search.rollouts for a in tree.answers())
+
+
+def test_ppm_steers_selection(sandbox, grader):
+    # Twelve first steps; the PPM scores one of them 0.95 and the rest -0.5. With the PPM's
+    # values ranking unvisited children (and counted as a visit), the first rollout takes the
+    # favourite in every search; under the textbook +inf it would get 1 in 12.
+    policy = BranchingPolicy(depth=1, valid=12)
+    reward = TableReward({"way 7": 0.95}, default=-0.5)
+    for preset in ("eval", "round3"):
+        cfg = load_config(preset, overrides=["search.rollouts=4", "search.num_samples=12"])
+        backends = Backends(policy=policy, sandbox=sandbox, grader=grader, reward=reward)
+        for _, tree, _ in search(cfg, backends, problems(6)):
+            first = min(tree.answers(), key=lambda a: a.rollout)
+            assert "way 7" in tree.path(first)[0].text, preset
+            favourite = next(c for c in tree.children(tree.root) if "way 7" in c.text)
+            assert favourite.N >= 2
+
+
+def test_depth_limit_as_the_authors(sandbox, grader):
+    # A step past max_depth is terminal (too deep); a step at max_depth is not.
+    policy = BranchingPolicy(depth=10, valid=1)
+    cfg = load_config("round2", overrides=["search.rollouts=2", "search.num_samples=1", "search.max_depth=3"])
+    [(_, tree, info)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    check_tree_invariants(tree)
+    assert [n.depth for n in tree.nodes] == [0, 1, 2, 3, 4]
+    assert tree.nodes[3].terminal is None and tree.nodes[4].terminal == TOO_DEEP
+    assert tree.root.N == 0 and info["answer"] is None
 
 
 def test_beam_search_attaches_children_to_their_parents(sandbox, grader):
@@ -138,7 +279,7 @@ def test_beam_search_attaches_children_to_their_parents(sandbox, grader):
     policy = ScriptedPolicy()
     backends = Backends(policy=policy, sandbox=sandbox, grader=grader, reward=ScriptedReward())
     [(job, tree, info)] = search(cfg, backends, problems(1))
-    check_tree_invariants(tree)
+    check_structure(tree)
     prompts = {r.prompt for call in policy.calls for r in call}
     for node in tree.nodes[1:]:
         # the prefix of a node's parent is exactly a prompt the policy was given
@@ -148,6 +289,36 @@ def test_beam_search_attaches_children_to_their_parents(sandbox, grader):
             assert node.answer == out  # copied from its own parent's output, not a sibling's
     assert info["correct"] is True
     assert len({n.id for n in tree.nodes if n.depth == 1 and n.expanded}) <= 2  # beam width
+
+
+def test_beam_search_keeps_the_best_steps_and_stops_at_width_answers(sandbox, grader):
+    # Six running steps and two failing ones per node, width 3: the three best-valued open
+    # steps form each beam; failing steps leave it and finish nothing; the search goes on until
+    # three answers exist.
+    policy = BranchingPolicy(depth=3, valid=6, failing=2)
+    reward = TableReward(
+        {"way 4": 0.9, "way 1": 0.8, "way 5": 0.7, "way 0": 0.1, "undefined": 0.95}, default=-0.3
+    )
+    cfg = load_config("eval", overrides=["search.mode=beam", "search.beam_width=3", "search.num_samples=8"])
+    backends = Backends(policy=policy, sandbox=sandbox, grader=grader, reward=reward)
+    for _, tree, info in search(cfg, backends, problems(2)):
+        check_structure(tree)
+        assert len(tree.answers()) == 3 and info["correct"] is True
+        way = lambda n: n.text.split("way ")[1][0]  # noqa: E731
+        for depth in (1, 2, 3):
+            expanded = [n for n in tree.nodes if n.depth == depth and n.expanded]
+            assert len(expanded) == 3  # the width
+            # ... and the best three open steps by value, though failing steps scored higher:
+            # at the first step three ways, below it each beam node's best child
+            want = ["1", "4", "5"] if depth == 1 else ["4", "4", "4"]
+            assert sorted(way(n) for n in expanded) == want
+        assert all(not n.expanded for n in tree.nodes if n.terminal == CODE_ERROR)
+    # Every step fails with probability 0.3 (beam 4 x 4): the search still ends with answers.
+    policy = BranchingPolicy(depth=3, valid=2, failing=2, fail_p=0.3)
+    cfg = load_config("eval", overrides=["search.mode=beam", "search.beam_width=4", "search.num_samples=4"])
+    backends = Backends(policy=policy, sandbox=sandbox, grader=grader, reward=TableReward(default=0.0))
+    results = search(cfg, backends, problems(10))
+    assert sum(len(t.answers()) >= 1 for _, t, _ in results) >= 9
 
 
 def test_best_of_n_and_greedy(sandbox, grader):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 from collections import Counter, defaultdict
@@ -279,6 +280,19 @@ class EvalRun:
     reward: str = ""  # reward model directory ("" = none)
 
 
+def eval_search_config(search: SearchConfig, mode: str, k_max: int, mcts_unit: str) -> SearchConfig:
+    """The search settings of one evaluation run at the largest budget `k_max`."""
+    search = dataclasses.replace(search, mode=mode, trajectories=1 if mode == "greedy" else k_max)
+    if mode == "mcts":
+        # Inference (the paper's Figure 3 search): no ground truth in the values; every new
+        # step starts from its PPM value (one visit) and the answer's PPM score is backed up,
+        # so the reward model steers selection and scores the outcome.
+        search = dataclasses.replace(search, terminal_guided=False, ppm_init=True)
+        if mcts_unit == "rollouts":
+            search = dataclasses.replace(search, rollouts=k_max, trajectories=1)
+    return search
+
+
 def run_eval(
     problems: list,
     cfg: Config,
@@ -297,12 +311,10 @@ def run_eval(
 
     `mcts_unit="searches"` runs max(budgets) independent MCTS searches per problem (the
     paper's "64 trajectories"); "rollouts" runs one search of max(budgets) rollouts and
-    counts each rollout's terminal as a trajectory (equal complete solutions to best-of-N).
+    counts each terminal it reached as a trajectory, ordered by the rollout that reached it.
 
     With `ray`, each setting's searches run on Ray actors that load the models from
     `cfg.model` themselves (docs/RAY.md)."""
-    import dataclasses
-
     from rstar.grading import Grader
     from rstar.models import load_policy, load_reward
     from rstar.search.jobs import open_backends
@@ -332,14 +344,7 @@ def run_eval(
             return cache[(a, b)]
 
         for run in runs:
-            search = dataclasses.replace(
-                cfg.search, mode=run.mode, trajectories=1 if run.mode == "greedy" else k_max
-            )
-            if run.mode == "mcts":
-                # inference: no ground truth in the values, terminals scored by the reward model
-                search = dataclasses.replace(search, terminal_guided=False)
-                if mcts_unit == "rollouts":
-                    search = dataclasses.replace(search, rollouts=k_max, trajectories=1)
+            search = eval_search_config(cfg.search, run.mode, k_max, mcts_unit)
             model = dataclasses.replace(cfg.model, ppm=run.reward)
             rcfg = dataclasses.replace(cfg, search=search, model=model)
             if ray is not None:

@@ -142,7 +142,9 @@ def expand(
             )
 
     # Run the program of each trajectory that gained code. Every step's code is checked, so
-    # a hallucinated step fails here and its node is dropped (paper section 3.1).
+    # a hallucinated step fails here; once `error_threshold` steps in a row have failed, the
+    # node is a CODE_ERROR terminal, which MCTS never selects and beam search drops (paper
+    # section 3.1). It stays in the tree as a negative for the PPM's pairs.
     coded = [ch for ch in new if ch.kind in ("code", "code_end")]
     if coded:
         results = yield Execute([program(tree.steps(ch)) for ch in coded])
@@ -164,7 +166,7 @@ def expand(
             ch.terminal = TRUNCATED
         elif ch.error_streak >= ctx.cfg.error_threshold:
             ch.terminal = CODE_ERROR
-        elif ch.depth >= ctx.cfg.max_depth:
+        elif ch.depth > ctx.cfg.max_depth:  # as the authors: a step past max_depth
             ch.terminal = TOO_DEEP
 
     answered = [ch for ch in new if ch.terminal == ANSWER]

@@ -3,10 +3,16 @@
 One `Tree` per search. Nodes live in a flat list and refer to each other by index, so a
 tree is a plain JSON object in tree files (docs/TREE_FILES.md) and loads back unchanged.
 
-Values (paper section 3.1-3.2):
-- `q` accumulates values backed up through the node (terminal-guided: +1 correct, -1 wrong
-  or invalid); with PPM-augmented annotation it starts at the PPM score of the prefix;
-- `N` counts visits; `Q = q / N` (before any visit, `Q` is the initial q);
+Values (paper section 3.1-3.2, and the authors' rstar_deepthink/agents/mcts.py):
+- `q` accumulates the values backed up through the node and `N` counts them, so `Q = q / N`
+  stays in [-1, 1]. Each answer terminal backs its value up once, along its path, when it is
+  created: +1/-1 from the gold answer in data generation, its reward-model score at inference.
+- With PPM-augmented annotation a new non-terminal node starts at `q = PPM(x + s_1..s_i)` and
+  `N = 1`: the initial value counts as one visit (the authors' code), and it is the node's own,
+  not backed up through its parent.
+- An invalid terminal (failed code, too deep, cut off, an answer with no boxed answer) holds -1 on
+  itself alone (`q = -1`, `N = 1`) and is never selected: failed steps are pruned, so no
+  rollout is spent on them and no -1 flows through their parent;
 - `value` is the reward model's score of the node's prefix when one was computed.
 """
 
@@ -110,19 +116,40 @@ class Tree:
 def uct(child: Node, parent: Node, c: float, unvisited: str) -> float:
     """UCT(s) = Q(s) + c * sqrt(ln N_parent / N(s)) (paper eq. 1).
 
-    An unvisited child scores +inf ('inf': each child is tried once before any is revisited)
-    or its Q with no exploration bonus ('zero': the authors' code).
+    A child with no visit yet is ranked by its reward-model value where it has one (inference
+    and PPM-augmented rounds: the PPM steers which child is tried first, as the authors' initial
+    values do), else scores +inf (`unvisited='inf'`: each child is tried once before any is
+    revisited, the textbook rule for rounds 1-2) or 0 (`'zero'`: the authors' code, q = 0 and
+    no exploration bonus before a visit, so the search goes deep first). With one visit or more
+    the exploration term is 0 while the parent has at most one (ln 1 = 0, as in the authors').
     """
     if child.N == 0:
-        return math.inf if unvisited == "inf" else child.Q
+        if child.value is not None:
+            return child.value
+        return math.inf if unvisited == "inf" else 0.0
     return child.Q + c * math.sqrt(math.log(max(parent.N, 1)) / child.N)
 
 
-def select_child(tree: Tree, node: Node, c: float, unvisited: str, rng: random.Random) -> Node:
-    """The child with the highest UCT, ties broken at random (so that 'inf' does not always
-    take the first sibling). Terminal children stay selectable: visiting a terminal again
-    backs its value up again, which is how visits concentrate on good branches."""
-    scores = [(uct(child, node, c, unvisited), child) for child in tree.children(node)]
+def is_open(tree: Tree, node: Node) -> bool:
+    """Whether a rollout can still reach something new below `node`: it is not terminal, and
+    it is unexpanded or has an open child. Terminals are never selected (an answer is backed up
+    once, when it is created; an invalid step is pruned), and a node whose children are all
+    closed is closed too (the authors mark it terminal)."""
+    if node.is_terminal:
+        return False
+    if not node.expanded:
+        return True
+    return any(is_open(tree, child) for child in tree.children(node))
+
+
+def select_child(tree: Tree, node: Node, c: float, unvisited: str, rng: random.Random) -> Node | None:
+    """The open child with the highest UCT, ties broken at random (so that 'inf' does not
+    always take the first sibling); None when no child is open."""
+    scores = [
+        (uct(child, node, c, unvisited), child) for child in tree.children(node) if is_open(tree, child)
+    ]
+    if not scores:
+        return None
     top = max(s for s, _ in scores)
     return rng.choice([child for s, child in scores if s == top])
 
