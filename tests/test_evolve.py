@@ -14,8 +14,9 @@ import pytest
 from killing import run_until_then_kill
 from rstar import RstarError
 from rstar.config import load_config
+from rstar.data.extract import coverage_by_steps
 from rstar.data.problems import Problem, load_problems
-from rstar.evolve import RunState, coverage_by_steps
+from rstar.evolve import RunState
 from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
 

@@ -23,6 +23,7 @@ from rstar.data.problems import Problem
 from rstar.search.jobs import record as run_record
 from rstar.search.scheduler import Job
 from rstar.search.tree import ANSWER, CODE_ERROR, TRUNCATED, Node, Tree
+from rstar.search.treefile import read_trees
 from rstar.steps import (
     ASSISTANT_HEADER,
     FEWSHOT_INSTRUCTIONS,
@@ -158,7 +159,7 @@ def step_pair(t: Tree, pos: Node, neg: Node, pc: int, nc: int) -> dict:
 
 def test_sft_top2_by_mean_q_ties_by_min_q_errors_and_unvisited_dropped():
     t, n = tree1()
-    stats = ex.Stats()
+    stats = ex.ExtractStats()
     out = ex.extract_sft([make_record(t)], stats=stats)
     # H1 (mean 1.0, through a failed step) and A1z (unvisited) would win on Q: both are left out.
     assert out == [
@@ -196,7 +197,7 @@ def test_sft_pools_searches_of_a_problem_and_dedupes_texts():
 def test_repeated_search_counted_once():
     t, _ = tree1()
     rec = make_record(t)
-    stats = ex.Stats()
+    stats = ex.ExtractStats()
     assert ex.extract_sft([rec, copy.deepcopy(rec)], stats=stats) == ex.extract_sft([rec])
     assert (stats.trees, stats.duplicates) == (1, 1)
 
@@ -206,7 +207,7 @@ def test_repeated_search_counted_once():
 
 def test_ppm_step_pairs_and_whole_pairs_of_tree1():
     t, n = tree1()
-    stats = ex.Stats()
+    stats = ex.ExtractStats()
     out = ex.extract_ppm([make_record(t)], stats=stats)
     expected_steps = [step_pair(t, n[p], n[q], 2, 2) for p in ("A", "F") for q in ("B", "D")] + [
         step_pair(t, n["C1"], n["C2"], 1, 1)
@@ -274,7 +275,7 @@ def test_margin_and_edit_distance_filters():
     off = ex.extract_ppm([rec], min_margin=0, min_edit_distance=0)
     steps = [r for r in off if not r["pos"].endswith("<end_of_answer>")]
     assert steps == [step_pair(t, n["K"], n["M"], 1, 2), step_pair(t, n["K"], n["L"], 1, 2)]
-    stats = ex.Stats()
+    stats = ex.ExtractStats()
     on = ex.extract_ppm([rec], stats=stats)  # the authors' 0.5 and 20
     assert [r for r in on if not r["pos"].endswith("<end_of_answer>")] == []
     # whole pairs: K vs M (mean -1) passes, K vs L (margin .4) is dropped
@@ -282,7 +283,7 @@ def test_margin_and_edit_distance_filters():
         whole_pair(t, n["K1x"], n["M1x"], 1, 2)
     ]
     assert (stats.filtered_margin, stats.filtered_edit_distance) == (2, 1)
-    only_edit = ex.Stats()
+    only_edit = ex.ExtractStats()
     ex.extract_ppm([rec], min_margin=0, stats=only_edit)
     assert (only_edit.filtered_margin, only_edit.filtered_edit_distance) == (0, 1)
 
@@ -525,7 +526,7 @@ def test_bad_input_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "trees.jsonl"
     path.write_text(content)
     with pytest.raises(RstarError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        ex.extract_sft(ex.read_trees([path]))
+        ex.extract_sft(read_trees([path]))
 
 
 def test_missing_node_field_names_file_line_and_node(tmp_path, capsys):
@@ -534,7 +535,7 @@ def test_missing_node_field_names_file_line_and_node(tmp_path, capsys):
     del rec["tree"]["nodes"][3]["N"]
     path = write_lines(tmp_path / "t.jsonl", [make_record(t), rec])
     with pytest.raises(RstarError, match=r"t.jsonl:2: not a tree record: missing field 'tree.nodes\[3\].N'"):
-        ex.extract_ppm(ex.read_trees([path]))
+        ex.extract_ppm(read_trees([path]))
     assert rstar_main(["extract", "sft", str(path), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "t.jsonl:2" in capsys.readouterr().err
     assert rstar_main(["extract", "sft", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.jsonl")]) == 2

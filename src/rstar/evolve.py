@@ -38,6 +38,7 @@ from typing import Any
 
 from rstar import RstarError
 from rstar.config import Config, add_config_arguments, config_from_args, from_dict, preset_dict
+from rstar.lock import writes_to
 
 
 def log(msg: str) -> None:
@@ -178,9 +179,11 @@ def build_base(cfg: Config, run: Path, size: str, name: str) -> dict:
 
 
 def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dict:
+    from rstar.data.extract import solved_ids
     from rstar.data.problems import load_problems
     from rstar.search.jobs import open_backends
     from rstar.search.run import generate
+    from rstar.search.treefile import run_records
 
     rcfg = round_search(cfg, r)
     if rcfg.search.ppm_init and not ppm:
@@ -197,7 +200,7 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
         if r == len(cfg.evolve.rounds):
             # Round 4: problems still unsolved get more rollouts and several trees each.
             for i, rollouts in enumerate(cfg.evolve.unsolved_rollouts):
-                solved = solved_ids(run / f"round{r}")  # read once, not once per problem
+                solved = solved_ids(run_records(run / f"round{r}"))  # read once, not once per problem
                 unsolved = [p for p in problems if p.id not in solved]
                 if not unsolved:
                     break
@@ -221,59 +224,12 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
     return stats.as_dict()
 
 
-def tree_files(round_dir: Path) -> list[Path]:
-    return [round_dir / "trees.jsonl", *sorted(round_dir.glob("extra*/trees.jsonl"))]
-
-
-def records(round_dir: Path) -> list[dict]:
-    from rstar.search.treefile import iter_records
-
-    return [rec for path in tree_files(round_dir) if path.exists() for rec in iter_records(path)]
-
-
-def solved_ids(round_dir: Path) -> set[str]:
-    return solved_in(records(round_dir))
-
-
-def solved_in(recs: list[dict]) -> set[str]:
-    """Ids of the problems with a correct answer in any of these tree records."""
-    from rstar.search.tree import Tree
-
-    out = set()
-    for rec in recs:
-        if any(n.correct for n in Tree.from_dict(rec["tree"]).answers()):
-            out.add(rec["problem"]["id"])
-    return out
-
-
-def coverage_by_steps(problems: list, solved: set[str]) -> dict[str, dict]:
-    """Coverage by the length of the problem's reference solution in code steps, for
-    problems that ship one in the step format (`meta["solution"]`, as the embedded world's
-    do; a GSM8K text solution has no code step and is left out): where in the chain length
-    search stops finding solutions. {} when no problem has one."""
-    from rstar import steps
-
-    counts: dict[int, list[int]] = {}
-    for p in problems:
-        ref = p.meta.get("solution")
-        n = (
-            sum(steps.parse_step(s).kind == "code" for s in steps.split_steps(ref))
-            if isinstance(ref, str)
-            else 0
-        )
-        if not n:
-            continue
-        c = counts.setdefault(n, [0, 0])
-        c[0] += 1
-        c[1] += p.id in solved
-    return {str(n): {"problems": k, "covered": c, "coverage": c / k} for n, (k, c) in sorted(counts.items())}
-
-
 def extract_round(cfg: Config, run: Path, r: int) -> dict:
-    from rstar.data.extract import coverage, extract_ppm, extract_sft
+    from rstar.data.extract import coverage, coverage_by_steps, extract_ppm, extract_sft, solved_ids
     from rstar.data.problems import load_problems
+    from rstar.search.treefile import run_records
 
-    recs = records(run / f"round{r}")
+    recs = run_records(run / f"round{r}")
     sft = extract_sft(recs)
     pairs = extract_ppm(recs)
     seed_path = run / "problems" / "seed_sft.jsonl"
@@ -286,7 +242,7 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
         with open(run / f"round{r}" / name, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    by_steps = coverage_by_steps(load_problems(run / "problems" / "train.jsonl"), solved_in(recs))
+    by_steps = coverage_by_steps(load_problems(run / "problems" / "train.jsonl"), solved_ids(recs))
     return {
         "coverage": coverage(recs),
         "coverage_by_steps": by_steps,
@@ -356,6 +312,7 @@ def evaluate_round(cfg: Config, run: Path, r: int | str, policy: str, ppm: str) 
 # --- the loop -------------------------------------------------------------------------------
 
 
+@writes_to(lambda cfg: cfg.evolve.run_dir, "--run-dir")
 def evolve(cfg: Config) -> dict:
     from rstar.models import set_cpu_threads
 

@@ -189,10 +189,9 @@ def write_report(run: Path, state: dict, total_s: float) -> dict:
 def _write_viewer(run: Path, r: int, n: int = 12) -> Path | None:
     """A few of the last round's trees (all its passes), hardest levels first and solved
     before unsolved, as HTML."""
-    from rstar.search.treefile import iter_records
+    from rstar.search.treefile import run_records
 
-    paths = [run / f"round{r}" / "trees.jsonl", *sorted((run / f"round{r}").glob("extra*/trees.jsonl"))]
-    recs = [rec for p in paths if p.exists() for rec in iter_records(p)]
+    recs = run_records(run / f"round{r}")
     if not recs:
         return None
     recs.sort(key=lambda rec: (-(int(rec["problem"].get("level") or 0)), not rec.get("correct")))

@@ -80,9 +80,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rstar import RstarError
+from rstar import RstarError, steps
 from rstar.search.tree import ANSWER, CODE_ERROR, Node, Tree
-from rstar.search.treefile import TreeFileError
+from rstar.search.treefile import read_trees, tree_files
 from rstar.steps import ASSISTANT_HEADER, ppm_prompt, sft_prompt
 
 # The authors drop PPM pairs whose Q margin or edit distance is below these.
@@ -99,7 +99,7 @@ _FIRST_STEP_HEAD = "\n" + ASSISTANT_HEADER
 # --- reading -------------------------------------------------------------------------------
 
 # What the extractors take: tree-file records (dicts), or (origin, record) pairs from
-# `read_trees`, whose origin ("file:line") then names the place of a bad record.
+# `rstar.search.treefile.read_trees`, whose origin ("file:line") then names a bad record.
 Records = Iterable[dict] | Iterable[tuple[str, dict]]
 
 
@@ -115,54 +115,6 @@ class SearchRecord:
     level: str | None
     index: int
     tree: Tree
-
-
-def tree_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The tree files named by `paths` (a directory means its trees.jsonl), each once."""
-    out: list[Path] = []
-    seen: set[Path] = set()
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            path = path / "trees.jsonl"
-            if not path.is_file():
-                raise RstarError(f"{p}: a directory without a trees.jsonl")
-        elif not path.is_file():
-            raise RstarError(f"{p}: no such tree file or directory")
-        real = path.resolve()
-        if real not in seen:  # `run/` and `run/trees.jsonl` are one file
-            seen.add(real)
-            out.append(path)
-    return out
-
-
-def read_tree_file(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(origin "file:line", record) for each line of a tree file, streamed.
-
-    Same rules as `rstar.search.treefile.iter_records` (a last line without its newline is a
-    write cut short by a kill and is skipped; any other bad line is an error naming file and
-    line), but line by line, so that big files are not held in memory, and with the line
-    number kept for the errors found later (missing fields)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                break  # partial last line
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise TreeFileError(f"{path}:{lineno}: not a JSON record ({e})") from e
-            if not isinstance(rec, dict) or "key" not in rec:
-                raise TreeFileError(f"{path}:{lineno}: not a tree record (no 'key' field)")
-            yield f"{path}:{lineno}", rec
-
-
-def read_trees(paths: Iterable[str | Path]) -> Iterator[tuple[str, dict]]:
-    """(origin, record) for every record of every tree file named by `paths`."""
-    for path in tree_files(paths):
-        yield from read_tree_file(path)
 
 
 def _field(d: Any, name: str, origin: str, where: str = "") -> Any:
@@ -237,7 +189,7 @@ def is_error(node: Node) -> bool:
 
 
 @dataclass
-class Trajectory:
+class ScoredPath:
     """A root-to-terminal path, reduced to what the selections need."""
 
     text: str  # the response: "".join of the step texts
@@ -294,7 +246,7 @@ def _analyse(tree: Tree) -> tuple[list[Node], dict[int, bool], dict[int, _Subtre
     return order, clean, sub
 
 
-def trajectories(search: SearchRecord, invalid: bool = True) -> list[Trajectory]:
+def scored_paths(search: SearchRecord, invalid: bool = True) -> list[ScoredPath]:
     """Every root-to-terminal path of a tree: answer terminals, and invalid ones if `invalid`."""
     tree = search.tree
     out = []
@@ -306,7 +258,7 @@ def trajectories(search: SearchRecord, invalid: bool = True) -> list[Trajectory]
             continue
         qs = [n.Q for n in path]
         out.append(
-            Trajectory(
+            ScoredPath(
                 text="".join(n.text for n in path),
                 correct=node.correct if node.terminal == ANSWER else None,
                 terminal=node.terminal or "",
@@ -342,11 +294,11 @@ class _Best:
     while trees stream in: a text keeps its best rank; pruning cannot lose a winner because a
     pruned text that comes back competes again with whatever rank it brings."""
 
-    def __init__(self, k: int, rank: Callable[[Trajectory], tuple]):
+    def __init__(self, k: int, rank: Callable[[ScoredPath], tuple]):
         self.k, self.rank = k, rank
-        self.items: dict[str, tuple[tuple, Trajectory]] = {}
+        self.items: dict[str, tuple[tuple, ScoredPath]] = {}
 
-    def add(self, t: Trajectory) -> None:
+    def add(self, t: ScoredPath) -> None:
         r = self.rank(t)
         old = self.items.get(t.text)
         if old is None or r < old[0]:
@@ -358,21 +310,21 @@ class _Best:
         keep = sorted(self.items.values(), key=lambda x: x[0])[: self.k]
         self.items = {t.text: (r, t) for r, t in keep}
 
-    def best(self) -> list[Trajectory]:
+    def best(self) -> list[ScoredPath]:
         self._prune()
         return [t for _, t in sorted(self.items.values(), key=lambda x: x[0])]
 
 
-def _high_q(t: Trajectory) -> tuple:
+def _high_q(t: ScoredPath) -> tuple:
     return (-t.mean_q, -t.min_q, t.index, t.node_id)
 
 
-def _low_q(t: Trajectory) -> tuple:
+def _low_q(t: ScoredPath) -> tuple:
     return (t.mean_q, t.min_q, t.index, t.node_id)
 
 
 @dataclass
-class Stats:
+class ExtractStats:
     """What an extraction read, kept and dropped: the CLI's summary."""
 
     files: int = 0
@@ -393,7 +345,7 @@ class Stats:
 class _Filter:
     """The authors' pair filters, counting what each drops."""
 
-    def __init__(self, min_margin: float, min_edit_distance: int, stats: Stats):
+    def __init__(self, min_margin: float, min_edit_distance: int, stats: ExtractStats):
         self.min_margin = min_margin
         self.min_edit_distance = min_edit_distance
         self.stats = stats
@@ -504,31 +456,32 @@ def _level_name(level: Any) -> str:
     return "none" if level is None else str(level)
 
 
-def _run(
-    what: str,
-    records: Records,
-    *,
-    top_k: int = 2,
-    min_margin: float = 0.0,
-    min_edit_distance: int = 0,
-    invalid_negatives: bool = False,
-    seed: int = 0,
-    stats: Stats | None = None,
-) -> list[dict]:
-    """One pass over the records for `what` in sft/ppm/orm/pqm/coverage; returns the records
-    to write, problems in natural order of their ids, searches by search_index."""
+def solves(tree: Tree) -> bool:
+    """Whether a search found the answer: some answer terminal of its tree is graded correct.
+    A problem is *covered* when one of its searches solves it (the paper's Table 2 metric)."""
+    return any(n.terminal == ANSWER and n.correct is True for n in tree.nodes)
+
+
+def solved_ids(records: Iterable[dict]) -> set[str]:
+    """Ids of the problems that some of these tree records solve (`solves`)."""
+    return {str(rec["problem"]["id"]) for rec in records if solves(Tree.from_dict(rec["tree"]))}
+
+
+def _check_arguments(top_k: int = 1, min_margin: float = 0.0, min_edit_distance: int = 0) -> None:
     if top_k < 1:
         raise RstarError(f"top_k must be at least 1 (got {top_k})")
     if min_margin < 0 or min_edit_distance < 0 or math.isnan(min_margin):
         raise RstarError("the filters' thresholds must be >= 0")
-    stats = stats if stats is not None else Stats()
-    flt = _Filter(min_margin, min_edit_distance, stats) if what in ("ppm", "orm") else None
+
+
+def _problems(
+    records: Records, stats: ExtractStats, on_search: Callable[[_Problem, SearchRecord], None]
+) -> list[_Problem]:
+    """The one pass every extraction makes: validate each record, skip a search read twice (same
+    key and seed), pool searches by problem (and note coverage), hand each new search to
+    `on_search`. Returns the problems in natural order of their ids, counted into `stats`."""
     problems: dict[str, _Problem] = {}
     seen: set[tuple[str, str]] = set()
-
-    def orm_rank(pid: str) -> Callable[[Trajectory], tuple]:
-        return lambda t: (_stable_hash(str(seed), pid, t.text),)
-
     for origin, rec in _sources(records):
         search = parse_search(origin, rec)
         ident = (search.key, json.dumps(search.seed))
@@ -540,68 +493,75 @@ def _run(
         prob = problems.get(search.problem_id)
         if prob is None:
             prob = problems[search.problem_id] = _Problem(search.problem_id, search.question, search.level)
-            if what in ("sft", "ppm"):
-                prob.pos = _Best(top_k, _high_q)
-                prob.neg = _Best(top_k, _low_q)
-            elif what == "orm":
-                prob.pos = _Best(top_k, orm_rank(search.problem_id))
-                prob.neg = _Best(top_k, orm_rank(search.problem_id))
-        prob.covered |= any(n.terminal == ANSWER and n.correct is True for n in search.tree.nodes)
-        order = (search.index, search.key, json.dumps(search.seed))
-        if what == "coverage":
-            continue
-        if what == "pqm":
-            prob.per_tree.append((order, pqm_records(search)))
-            continue
-        if what == "ppm":
-            assert flt is not None
-            prob.per_tree.append((order, step_pairs(search, top_k, flt)))
-        for t in trajectories(search, invalid=invalid_negatives and what != "sft"):
-            needs_visit = what != "orm"  # only ORM chooses without Q
-            if needs_visit and not t.visited:
-                continue
-            if t.correct is True:
-                if t.error_free:
-                    assert prob.pos is not None
-                    prob.pos.add(t)
-                elif t.visited:
-                    stats.correct_with_errors += 1
-            elif what != "sft" and (t.correct is False or t.terminal != ANSWER):
-                assert prob.neg is not None
-                prob.neg.add(t)
-
-    out: list[dict] = []
-    for pid in sorted(problems, key=_natural):
-        prob = problems[pid]
+        prob.covered |= solves(search.tree)
+        on_search(prob, search)
+    out = [problems[pid] for pid in sorted(problems, key=_natural)]
+    for prob in out:
         stats.problems += 1
         stats.covered += prob.covered
         level = stats.by_level.setdefault(_level_name(prob.level), [0, 0])
         level[0] += 1
         level[1] += prob.covered
-        recs: list[dict] = []
-        for _, tree_recs in sorted(prob.per_tree, key=lambda x: x[0]):
-            recs.extend(tree_recs)
-        if what == "ppm":
-            recs = _dedupe(recs)
-            stats.step_pairs += len(recs)
-        if what == "sft":
-            assert prob.pos is not None
-            recs = [{"query": prob.question, "response": t.text} for t in prob.pos.best()]
-        elif what in ("ppm", "orm"):
-            assert prob.pos is not None and prob.neg is not None and flt is not None
-            good, bad = prob.pos.best(), prob.neg.best()
-            if good and bad:
-                prompt = ppm_prompt(prob.question)
-                use_q = what == "ppm"
-                pos = [(whole(prob.question, t.text)[1], t.mean_q if use_q else None) for t in good]
-                neg = [(whole(prob.question, t.text)[1], t.mean_q if use_q else None) for t in bad]
-                pairs = _pairs(prompt, pos, neg, flt)
-                stats.whole_pairs += len(pairs)
-                recs.extend(pairs)
+    return out
+
+
+def _collect(
+    prob: _Problem,
+    search: SearchRecord,
+    stats: ExtractStats,
+    *,
+    invalid: bool,
+    visited_only: bool,
+    negatives: bool,
+) -> None:
+    """Offer the search's trajectories to its problem's positives (error-free correct ones) and,
+    with `negatives`, negatives (wrong answers; invalid terminals too with `invalid`)."""
+    assert prob.pos is not None and (prob.neg is not None or not negatives)
+    for t in scored_paths(search, invalid=invalid):
+        if visited_only and not t.visited:
+            continue
+        if t.correct is True:
+            if t.error_free:
+                prob.pos.add(t)
+            elif t.visited:
+                stats.correct_with_errors += 1
+        elif negatives and (t.correct is False or t.terminal != ANSWER):
+            assert prob.neg is not None
+            prob.neg.add(t)
+
+
+def _whole_pairs(prob: _Problem, flt: _Filter, use_q: bool) -> list[dict]:
+    """Whole-trajectory pairs of a problem: its best positives x its best negatives."""
+    assert prob.pos is not None and prob.neg is not None
+    good, bad = prob.pos.best(), prob.neg.best()
+    if not good or not bad:
+        return []
+    pos = [(whole(prob.question, t.text)[1], t.mean_q if use_q else None) for t in good]
+    neg = [(whole(prob.question, t.text)[1], t.mean_q if use_q else None) for t in bad]
+    pairs = _pairs(ppm_prompt(prob.question), pos, neg, flt)
+    flt.stats.whole_pairs += len(pairs)
+    return pairs
+
+
+def _per_tree(prob: _Problem) -> list[dict]:
+    """The records kept per tree, searches by search_index."""
+    return [r for _, recs in sorted(prob.per_tree, key=lambda x: x[0]) for r in recs]
+
+
+def _emit(
+    problems: list[_Problem], stats: ExtractStats, records_of: Callable[[_Problem], list[dict]]
+) -> list[dict]:
+    out: list[dict] = []
+    for prob in problems:
+        recs = records_of(prob)
         stats.records += len(recs)
         stats.problems_with_data += bool(recs)
         out.extend(recs)
     return out
+
+
+def _order_of(search: SearchRecord) -> tuple:
+    return (search.index, search.key, json.dumps(search.seed))
 
 
 def _dedupe(recs: list[dict]) -> list[dict]:
@@ -618,11 +578,21 @@ def _dedupe(recs: list[dict]) -> list[dict]:
 # --- library API ---------------------------------------------------------------------------
 
 
-def extract_sft(records: Records, top_k: int = 2, stats: Stats | None = None) -> list[dict]:
+def extract_sft(records: Records, top_k: int = 2, stats: ExtractStats | None = None) -> list[dict]:
     """Policy SFT data, `{"query", "response"}`: per problem, the `top_k` error-free correct
     trajectories (distinct responses, pooled over the problem's searches) with the highest
     mean Q, ties by the higher min Q."""
-    return _run("sft", records, top_k=top_k, stats=stats)
+    _check_arguments(top_k)
+    stats = stats if stats is not None else ExtractStats()
+
+    def on_search(prob: _Problem, search: SearchRecord) -> None:
+        prob.pos = prob.pos or _Best(top_k, _high_q)
+        _collect(prob, search, stats, invalid=False, visited_only=True, negatives=False)
+
+    def records_of(prob: _Problem) -> list[dict]:
+        return [{"query": prob.question, "response": t.text} for t in prob.pos.best()] if prob.pos else []
+
+    return _emit(_problems(records, stats, on_search), stats, records_of)
 
 
 def extract_ppm(
@@ -631,20 +601,27 @@ def extract_ppm(
     min_margin: float = AUTHORS_MIN_MARGIN,
     min_edit_distance: int = AUTHORS_MIN_EDIT_DISTANCE,
     invalid_negatives: bool = False,
-    stats: Stats | None = None,
+    stats: ExtractStats | None = None,
 ) -> list[dict]:
     """PPM preference pairs, `{"prompt", "neg", "pos", "neg_count", "pos_count"}`: step pairs
     per tree, then whole-trajectory pairs per problem (module docstring). The filters default
     to the authors' values (Q margin 0.5, edit distance 20); 0 turns a filter off."""
-    return _run(
-        "ppm",
-        records,
-        top_k=top_k,
-        min_margin=min_margin,
-        min_edit_distance=min_edit_distance,
-        invalid_negatives=invalid_negatives,
-        stats=stats,
-    )
+    _check_arguments(top_k, min_margin, min_edit_distance)
+    stats = stats if stats is not None else ExtractStats()
+    flt = _Filter(min_margin, min_edit_distance, stats)
+
+    def on_search(prob: _Problem, search: SearchRecord) -> None:
+        if prob.pos is None:
+            prob.pos, prob.neg = _Best(top_k, _high_q), _Best(top_k, _low_q)
+        prob.per_tree.append((_order_of(search), step_pairs(search, top_k, flt)))
+        _collect(prob, search, stats, invalid=invalid_negatives, visited_only=True, negatives=True)
+
+    def records_of(prob: _Problem) -> list[dict]:
+        recs = _dedupe(_per_tree(prob))
+        stats.step_pairs += len(recs)
+        return recs + _whole_pairs(prob, flt, use_q=True)
+
+    return _emit(_problems(records, stats, on_search), stats, records_of)
 
 
 def extract_orm(
@@ -653,40 +630,77 @@ def extract_orm(
     min_edit_distance: int = AUTHORS_MIN_EDIT_DISTANCE,
     invalid_negatives: bool = False,
     seed: int = 0,
-    stats: Stats | None = None,
+    stats: ExtractStats | None = None,
 ) -> list[dict]:
     """Outcome-only pairs for the ORM baseline (paper Table 8), in the PPM pair format: per
     problem, `top_k` error-free correct vs `top_k` incorrect whole trajectories picked by a
     seeded hash, not by Q (an ORM must not learn from process values)."""
-    return _run(
-        "orm",
-        records,
-        top_k=top_k,
-        min_edit_distance=min_edit_distance,
-        invalid_negatives=invalid_negatives,
-        seed=seed,
-        stats=stats,
+    _check_arguments(top_k, 0.0, min_edit_distance)
+    stats = stats if stats is not None else ExtractStats()
+    flt = _Filter(0.0, min_edit_distance, stats)
+
+    def on_search(prob: _Problem, search: SearchRecord) -> None:
+        if prob.pos is None:
+            pid = search.problem_id
+
+            def rank(t: ScoredPath) -> tuple:
+                return (_stable_hash(str(seed), pid, t.text),)
+
+            prob.pos, prob.neg = _Best(top_k, rank), _Best(top_k, rank)
+        # Only ORM chooses without Q, so unvisited trajectories (best-of-N trees) count too.
+        _collect(prob, search, stats, invalid=invalid_negatives, visited_only=False, negatives=True)
+
+    return _emit(
+        _problems(records, stats, on_search), stats, lambda prob: _whole_pairs(prob, flt, use_q=False)
     )
 
 
-def extract_pqm(records: Records, stats: Stats | None = None) -> list[dict]:
+def extract_pqm(records: Records, stats: ExtractStats | None = None) -> list[dict]:
     """Pointwise `{"prompt", "step", "q"}` records for the PQM baseline (Q regression): every
     visited non-root node, split like the PPM step pairs."""
-    return _run("pqm", records, stats=stats)
+    stats = stats if stats is not None else ExtractStats()
+
+    def on_search(prob: _Problem, search: SearchRecord) -> None:
+        prob.per_tree.append((_order_of(search), pqm_records(search)))
+
+    return _emit(_problems(records, stats, on_search), stats, _per_tree)
 
 
-def coverage(records: Records) -> dict:
-    """Share of problems with at least one correct trajectory (any correct answer terminal in
-    any of its searches), overall and per `problem.level`: the paper's Table 2 metric.
+def coverage(records: Records, stats: ExtractStats | None = None) -> dict:
+    """Share of problems with at least one correct trajectory (`solves`: any correct answer
+    terminal in any of its searches), overall and per `problem.level`: the paper's Table 2
+    metric.
 
     Returns {"problems", "covered", "coverage", "by_level": {level: {"problems", "covered",
     "coverage"}}}; problems without a level are under "none"."""
-    stats = Stats()
-    _run("coverage", records, stats=stats)
+    stats = stats if stats is not None else ExtractStats()
+    _problems(records, stats, lambda prob, search: None)
     return _coverage_dict(stats)
 
 
-def _coverage_dict(stats: Stats) -> dict:
+def coverage_by_steps(problems: list, solved: set[str]) -> dict[str, dict]:
+    """Coverage by the length of the problem's reference solution in code steps, for
+    problems that ship one in the step format (`meta["solution"]`, as the embedded world's
+    do; a GSM8K text solution has no code step and is left out): where in the chain length
+    search stops finding solutions. `solved`: the ids of the covered problems (`solved_ids`).
+    {} when no problem has one."""
+    counts: dict[int, list[int]] = {}
+    for p in problems:
+        ref = p.meta.get("solution")
+        n = (
+            sum(steps.parse_step(s).kind == "code" for s in steps.split_steps(ref))
+            if isinstance(ref, str)
+            else 0
+        )
+        if not n:
+            continue
+        c = counts.setdefault(n, [0, 0])
+        c[0] += 1
+        c[1] += p.id in solved
+    return {str(n): {"problems": k, "covered": c, "coverage": c / k} for n, (k, c) in sorted(counts.items())}
+
+
+def _coverage_dict(stats: ExtractStats) -> dict:
     def share(n: int, k: int) -> float:
         return k / n if n else 0.0
 
@@ -734,7 +748,7 @@ def _pct(k: int, n: int) -> str:
     return f"{k}/{n} ({100 * k / n:.1f}%)" if n else "0/0"
 
 
-def summary(what: str, stats: Stats, args: argparse.Namespace | None = None) -> list[str]:
+def summary(what: str, stats: ExtractStats, args: argparse.Namespace | None = None) -> list[str]:
     """The lines the CLI prints after an extraction."""
     lines = [
         f"read {stats.trees} tree(s) of {stats.problems} problem(s) from {stats.files} file(s)"
@@ -768,28 +782,30 @@ def summary(what: str, stats: Stats, args: argparse.Namespace | None = None) -> 
     return lines
 
 
+# One function per extraction: (records, stats, args) -> the records to write.
+_EXTRACTORS: dict[str, Callable[[Records, ExtractStats, argparse.Namespace], list[dict]]] = {
+    "sft": lambda recs, stats, a: extract_sft(recs, a.top_k, stats=stats),
+    "ppm": lambda recs, stats, a: extract_ppm(
+        recs, a.top_k, a.min_margin, a.min_edit_distance, a.invalid_negatives, stats=stats
+    ),
+    "orm": lambda recs, stats, a: extract_orm(
+        recs, a.top_k, a.min_edit_distance, a.invalid_negatives, a.seed, stats=stats
+    ),
+    "pqm": lambda recs, stats, a: extract_pqm(recs, stats=stats),
+}
+
+
 def _cli(args: argparse.Namespace) -> int:
-    what = args.what
     files = tree_files(args.trees)
-    stats = Stats(files=len(files))
-    kw: dict[str, Any] = {}
-    if what in ("sft", "ppm", "orm"):
-        kw["top_k"] = args.top_k
-    if what == "ppm":
-        kw["min_margin"] = args.min_margin
-    if what in ("ppm", "orm"):
-        kw["min_edit_distance"] = args.min_edit_distance
-        kw["invalid_negatives"] = args.invalid_negatives
-    if what == "orm":
-        kw["seed"] = args.seed
-    records = _run(what, read_trees(files), stats=stats, **kw)
+    stats = ExtractStats(files=len(files))
     log = sys.stderr if getattr(args, "out", None) == "-" or getattr(args, "json", False) else sys.stdout
-    if what == "coverage":
+    if args.what == "coverage":
+        cov = coverage(read_trees(files), stats)
         if args.json:
-            print(json.dumps(_coverage_dict(stats), indent=2))
+            print(json.dumps(cov, indent=2))
     else:
-        write_records(records, args.out)
-    for line in summary(what, stats, args):
+        write_records(_EXTRACTORS[args.what](read_trees(files), stats, args), args.out)
+    for line in summary(args.what, stats, args):
         print(line, file=log)
     return 0
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -68,28 +68,73 @@ class TreeFileWriter:
         self.close()
 
 
-def iter_records(path: str | Path, strict: bool = True) -> Iterator[dict]:
-    """Records of a tree file. A last line without its newline is a write cut short by a
+def numbered_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, dict]]:
+    """(origin "file:line", record) for each record of a tree file, streamed line by line (big
+    files are not held in memory). A last line without its newline is a write cut short by a
     kill: it is skipped. Any other bad line is an error naming the file and line (or, with
-    strict=False, skipped)."""
+    strict=False, skipped); the origin lets later checks (missing fields) name it too."""
     path = Path(path)
     with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    # After a complete file, split gives a final b"" element; anything else there is partial.
-    for lineno, raw in enumerate(lines[:-1], 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            if strict:
-                raise TreeFileError(f"{path}:{lineno}: not a JSON record ({e})") from e
-            continue
-        if not isinstance(rec, dict) or "key" not in rec:
-            if strict:
-                raise TreeFileError(f"{path}:{lineno}: not a tree record (no 'key' field)")
-            continue
+        for lineno, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                break  # partial last line
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                if strict:
+                    raise TreeFileError(f"{path}:{lineno}: not a JSON record ({e})") from e
+                continue
+            if not isinstance(rec, dict) or "key" not in rec:
+                if strict:
+                    raise TreeFileError(f"{path}:{lineno}: not a tree record (no 'key' field)")
+                continue
+            yield f"{path}:{lineno}", rec
+
+
+def iter_records(path: str | Path, strict: bool = True) -> Iterator[dict]:
+    """The records of a tree file (`numbered_records` without the origins)."""
+    for _, rec in numbered_records(path, strict):
         yield rec
+
+
+def tree_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The tree files named by `paths` (a directory means its trees.jsonl), each once."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            path = path / "trees.jsonl"
+            if not path.is_file():
+                raise RstarError(f"{p}: a directory without a trees.jsonl")
+        elif not path.is_file():
+            raise RstarError(f"{p}: no such tree file or directory")
+        real = path.resolve()
+        if real not in seen:  # `run/` and `run/trees.jsonl` are one file
+            seen.add(real)
+            out.append(path)
+    return out
+
+
+def read_trees(paths: Iterable[str | Path]) -> Iterator[tuple[str, dict]]:
+    """(origin, record) for every record of every tree file named by `paths` (`tree_files`)."""
+    for path in tree_files(paths):
+        yield from numbered_records(path)
+
+
+def run_tree_files(run_dir: str | Path) -> list[Path]:
+    """The tree files of a run directory that exist: its trees.jsonl, then those of the extra
+    passes run into it (`extra*/trees.jsonl`, as self-evolution's last round does)."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / "trees.jsonl", *sorted(run_dir.glob("extra*/trees.jsonl"))]
+    return [p for p in paths if p.exists()]
+
+
+def run_records(run_dir: str | Path) -> list[dict]:
+    """Every record of a run directory's tree files (`run_tree_files`)."""
+    return [rec for path in run_tree_files(run_dir) for rec in iter_records(path)]
 
 
 def open_for_resume(path: str | Path) -> set[str]:
