@@ -121,7 +121,7 @@ def test_generate_returns_n_completions_per_request_in_order(trained) -> None:
 
 def test_greedy_is_the_same_alone_and_in_a_padded_batch(trained) -> None:
     model, tok = trained
-    policy = HFPolicy(model, tokenizer=tok, max_batch_size=4)
+    policy = HFPolicy(model, tokenizer=tok, max_batch_size=4, engine="hf")  # HF generate's batches
     examples = json.loads(SFT_EXAMPLES.read_text())
     prompts = [HEADER, "x", HEADER + STEP * 2] + [steps.sft_prompt(e["query"]) for e in examples[:3]]
     assert len({len(tok(p)["input_ids"]) for p in prompts}) == len(prompts)  # all lengths differ

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rstar import RstarError
-from rstar.config import Config, SearchConfig, add_config_arguments, from_dict
-from rstar.search.expand import best_answer_node, settles_by_value
+from rstar.config import Config, SearchConfig, add_config_arguments
+from rstar.search.expand import best_answer_node
 from rstar.search.tree import Tree
-from rstar.search.treefile import iter_records
+from rstar.search.treefile import iter_records, record_by_value
 
 if TYPE_CHECKING:
     from rstar.search.ray_runner import RayOptions
@@ -161,13 +161,6 @@ def trajectories(rec: dict, unit: str = "searches") -> list[Trajectory]:
     if best is None:
         return [Trajectory(None, None, False, i)]
     return [Trajectory(best.answer, best.value, bool(best.correct), i)]
-
-
-def record_by_value(rec: dict) -> bool | None:
-    """How the search of a tree-file record settled on its answer (None: unknown, decide from
-    the tree)."""
-    search = rec.get("config", {}).get("search")
-    return settles_by_value(from_dict(SearchConfig, search)) if search else None
 
 
 def within(trajs: list[Trajectory], k: int) -> list[Trajectory]:

@@ -161,6 +161,11 @@ class HFPolicy:
         stop_mode: "auto" (stop-token ids when every stop string is one token, else
             stop strings), or force "tokens" / "strings" (tests use "strings" to exercise
             that path with a tokenizer whose tags are single tokens).
+        engine: "auto" (the decode engine of `rstar.models.engine` where it supports the
+            model and device: Qwen2 on CPU; else HF `generate`), "hf" (always HF
+            `generate`, the reference) or "fast" (the engine, or an error).
+        prefix_cache_mb: the engine's prefix cache bound (KV of encoded prompts, reused by
+            later prompts that start with them); 0 = off. Unused by HF `generate`.
 
     Seeds: transformers samples from one global RNG per `model.generate`, so the per-request
     seeds of a mixed batch cannot each be honoured exactly. Each batch seeds a private RNG
@@ -184,6 +189,8 @@ class HFPolicy:
         share_prefix: bool = True,
         max_new_tokens_cap: int | None = None,
         stop_mode: str = "auto",
+        engine: str = "auto",
+        prefix_cache_mb: int = 256,
     ) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -216,9 +223,28 @@ class HFPolicy:
         )
         self._stop_ids: dict[tuple[str, ...], list[int] | None] = {}
         self._stop_criteria: dict[tuple[str, ...], _GeneratedStopCriteria] = {}
+        self.engine = None
+        if engine not in ("auto", "hf", "fast"):
+            raise ValueError(f"engine must be 'auto', 'hf' or 'fast', got {engine!r}")
+        if engine != "hf":
+            from rstar.models.engine import DecodeEngine, supports
+
+            why = supports(self.model, self.device)
+            if why is None:
+                self.engine = DecodeEngine(
+                    self.model,
+                    tok,
+                    self.eos_ids,
+                    max_rows=max(max_batch_size, 256),
+                    prefix_cache_mb=prefix_cache_mb,
+                )
+            elif engine == "fast":
+                raise ValueError(f"engine='fast' cannot run this model: {why}")
         self.reset_counters()
 
     def reset_counters(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.reset_counters()
         self.tokens_generated = 0
         self.model_seconds = 0.0
         self.calls = 0
@@ -258,6 +284,20 @@ class HFPolicy:
         prompts = list(dict.fromkeys(r.prompt for r in requests))
         enc = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
         prompt_ids = dict(zip(prompts, enc))
+        if self.engine is not None:
+            cap = self.max_new_tokens_cap
+            e = self.engine
+            before = (e.tokens_generated, e.model_seconds, e.decode_steps + e.prefills, e.sequences)
+            out = e.generate(
+                requests,
+                [prompt_ids[r.prompt] for r in requests],
+                [r.max_new_tokens if cap is None else min(r.max_new_tokens, cap) for r in requests],
+            )
+            self.tokens_generated += e.tokens_generated - before[0]
+            self.model_seconds += e.model_seconds - before[1]
+            self.batches += e.decode_steps + e.prefills - before[2]
+            self.sequences += e.sequences - before[3]
+            return out
 
         groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)  # key -> (request, sample)
         for ri, r in enumerate(requests):

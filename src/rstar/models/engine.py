@@ -1,0 +1,718 @@
+"""A CPU decode engine for small Qwen2 policies: shared prompt KV, continuous batching, a prefix cache.
+
+`HFPolicy` uses it automatically for supported models on CPU (`engine="auto"`); HF
+`model.generate` stays the reference and the path for everything else.
+
+Why a hand-written scheduling loop. On CPU, with the tiny policies of this project, reading
+the KV cache dominates a decode step, and a search sends many prompts with n samples each
+whose steps end at very different lengths. Among the libraries kept here none does the
+three things that matter: vLLM (prefix caching, continuous batching) has no CPU build here;
+llama.cpp was measured slower than this loop (docs: ../shared/CPU_ENGINES.md, 1.31x HF
+against 2.32x); HF `generate` keeps finished rows in the batch until the longest ends (39-51%
+of its row-steps produce a token) and copies a prompt's KV once per sample; transformers'
+continuous batching targets CUDA/XPU. So this module writes only the loop and the attention
+kernel's data layout; the architecture (embeddings, projections, rotary embedding, norms,
+MLP, LM head) is transformers' own forward, into which the attention below is plugged
+through `AttentionInterface` (its documented extension point).
+
+Data layout (per layer; Hkv = KV heads, D = head dim):
+- a *group* is a request's prompt (or up to `width` of its samples): its KV is stored once,
+  `gk/gv` (G, Hkv, P, D), valid up to `glen[g]`; its samples read it once per step through
+  one matmul for the whole group (this is what "share the prompt's KV" buys: a step reads
+  G x P instead of rows x P);
+- a *row* is one sample, slot `r = g * width + j`; the KV of its generated tokens is in
+  `sk/sv` (R, Hkv, S, D), valid up to `slen[r]`;
+- a decode step runs the model on live rows only (finished rows retire at once), and freed
+  room is filled from the waiting requests (their prompts are prefilled in batches).
+
+Prefix cache (`PrefixCache`): KV of token-id sequences already encoded (prompts, and each
+finished sample's prompt + generated tokens), looked up by the longest common token prefix
+(vLLM's automatic prefix caching, without its blocks: entries are whole sequences, indexed
+by a hash chain over 16-token blocks); bounded in bytes, least recently used out first.
+A search's child node's prompt is its parent's prompt + the parent's step, so its prefill
+encodes only the few tokens after the cached part.
+
+Sampling: per-row temperature and top-p; each row's random numbers come from a counter-based
+hash of (request seed, sample index, step), so a seeded request's samples do not depend on
+what it was batched with (HF `generate` draws from one generator per batch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rstar.models.base import Completion, GenRequest
+
+ATTN_NAME = "rstar_engine"
+# Model types whose attention is plain full causal attention through AttentionInterface
+# with q/k/v after the rotary embedding (checked on Qwen2; others use HF generate).
+SUPPORTED_MODEL_TYPES = ("qwen2",)
+_BLOCK = 16  # tokens per hash-chain block of the prefix cache index
+
+_M64 = (1 << 64) - 1
+
+
+def supports(model: Any, device: torch.device) -> str | None:
+    """None if the engine can run `model` on `device`, else the reason it cannot."""
+    cfg = model.config
+    if device.type != "cpu":
+        return f"device {device.type} (the engine is for CPU; use vLLM or HF generate on GPUs)"
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {cfg.model_type!r} not in {SUPPORTED_MODEL_TYPES}"
+    if getattr(cfg, "use_sliding_window", False):
+        return "sliding-window attention"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"]):
+        return "layers other than full attention"
+    return None
+
+
+# --- random numbers ------------------------------------------------------------------------
+
+
+def _signed(x: int) -> int:
+    x &= _M64
+    return x - (1 << 64) if x >> 63 else x
+
+
+_C1, _C2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps; shifts made logical)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _C1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _C2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def row_key(seed: int, sample: int) -> int:
+    """The random stream of one sample of a seeded request."""
+    x = torch.tensor([_signed(seed * 0x100000001B3 + sample * 0x9E3779B1 + 1)], dtype=torch.long)
+    return int(_mix(_mix(x))[0])
+
+
+def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 in [0, 1): one draw per row for its `steps`-th token."""
+    x = _mix(keys + (steps + 1) * _GOLDEN)
+    return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    """Next token per row. logits (B, V); temperature, top_p (B,) (temperature 0 = greedy);
+    u (B,) uniforms. Sampling is by inverse CDF over the (top-p truncated) distribution."""
+    greedy = logits.argmax(dim=-1)
+    hot = temperature > 0
+    if not bool(hot.any()):
+        return greedy
+    t = torch.where(hot, temperature, torch.ones_like(temperature))
+    probs = torch.softmax(logits.float() / t[:, None], dim=-1)  # (B, V)
+    if bool((top_p < 1).any()):
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each
+        probs = probs.masked_fill(before >= top_p[:, None], 0.0)  # the top token always stays
+    else:
+        order = None
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
+    # never land on a zero-probability token (rounding at the top of the cdf)
+    idx = torch.minimum(idx, (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True))
+    tok = idx if order is None else order.gather(1, idx)
+    return torch.where(hot, tok[:, 0], greedy)
+
+
+# --- prefix cache --------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    ids: tuple[int, ...]
+    k: list[torch.Tensor]  # per layer (Hkv, L, D)
+    v: list[torch.Tensor]
+    nbytes: int
+    hashes: list[int]
+
+
+class PrefixCache:
+    """KV of encoded token sequences, found by longest common prefix; LRU within `max_bytes`.
+
+    Invariants: an entry's KV is exactly what the model computes for its ids from position 0
+    (so any prefix of it is valid for any sequence starting with that prefix); the index maps
+    the hash chain of each full 16-token block prefix to the newest entry holding it. The
+    cache belongs to one model's weights: whoever changes the weights must `clear()` it.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        self.index: dict[int, tuple[int, ...]] = {}
+        self.nbytes = 0
+        self.hits = 0
+        self.lookups = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.index.clear()
+        self.nbytes = 0
+
+    @staticmethod
+    def _chain(ids: Sequence[int]) -> list[int]:
+        out, h = [], 0
+        for s in range(0, len(ids) - _BLOCK + 1, _BLOCK):
+            h = hash((h, tuple(ids[s : s + _BLOCK])))
+            out.append(h)
+        return out
+
+    def lookup(self, ids: Sequence[int], limit: int) -> tuple[_Entry | None, int]:
+        """(entry, n): the entry sharing the longest prefix with `ids`, n <= limit tokens of it."""
+        self.lookups += 1
+        best: _Entry | None = None
+        for h in reversed(self._chain(ids[:limit])):
+            key = self.index.get(h)
+            if key is not None and key in self.entries:
+                best = self.entries[key]
+                break
+        if best is None:
+            return None, 0
+        n, m = 0, min(limit, len(best.ids))
+        while n < m and best.ids[n] == ids[n]:
+            n += 1
+        if n == 0:
+            return None, 0
+        self.entries.move_to_end(best.ids)
+        self.hits += 1
+        return best, n
+
+    def insert(self, ids: Sequence[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        key = tuple(ids)
+        if self.max_bytes <= 0 or len(key) < _BLOCK:
+            return
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        k = [x.contiguous().clone() for x in k]
+        v = [x.contiguous().clone() for x in v]
+        nbytes = sum(x.numel() * x.element_size() for x in k + v)
+        if nbytes > self.max_bytes:
+            return
+        entry = _Entry(key, k, v, nbytes, self._chain(key))
+        self.entries[key] = entry
+        self.nbytes += nbytes
+        for h in entry.hashes:
+            self.index[h] = key
+        while self.nbytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+            for h in old.hashes:
+                if self.index.get(h) == old.ids:
+                    del self.index[h]
+
+
+# --- the per-forward state the attention function reads ------------------------------------
+
+
+@dataclass
+class _Prefill:
+    past_k: list[torch.Tensor]  # per layer (U, Hkv, C, D), zero beyond each row's past length
+    past_v: list[torch.Tensor]
+    mask: torch.Tensor  # (U, 1, T, C + T) bool, True = attend
+    new_k: list[torch.Tensor] = field(default_factory=list)  # filled by the forward: (U, Hkv, T, D)
+    new_v: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Decode:
+    engine: _Batch
+    rows: torch.Tensor  # (B,) live row slots
+    groups: torch.Tensor  # (B,) their group slots
+    spos: torch.Tensor  # (B,) where each row's new token goes in its suffix KV
+    G: int  # group slots in use (0..G-1)
+    P: int  # longest live prompt
+    S: int  # longest live suffix, this token included
+    gbias: torch.Tensor  # (B, P) 0 / -inf over the group KV
+    sbias: torch.Tensor  # (B, S) 0 / -inf over the suffix KV
+
+
+def _engine_attention(
+    module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, **kw: Any
+) -> tuple[torch.Tensor, None]:
+    """Attention for the engine's two kinds of forward (see the module doc)."""
+    st = kw["rstar_state"]
+    layer = module.layer_idx
+    scale = kw.get("scaling") or module.scaling
+    if isinstance(st, _Prefill):
+        st.new_k.append(k)
+        st.new_v.append(v)
+        keys = torch.cat([st.past_k[layer], k], dim=2)
+        vals = torch.cat([st.past_v[layer], v], dim=2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, vals, attn_mask=st.mask, scale=scale, enable_gqa=True
+        )  # (U, H, T, D)
+        return out.transpose(1, 2), None
+    return st.engine.decode_attention(layer, q, k, v, st, scale), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, _engine_attention)
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    sample: int  # sample index within its request
+    key: int  # random stream
+    tokens: list[int] = field(default_factory=list)
+    done: str = ""  # "", or the stop reason
+
+
+@dataclass
+class _Item:
+    """Up to `width` samples of one request: one group of rows sharing the prompt's KV."""
+
+    req: int
+    samples: list[int]
+    ids: list[int]
+    max_new: int
+    temperature: float
+    top_p: float
+    stops: tuple[str, ...]
+
+
+class _Batch:
+    """The KV buffers of one `generate` call, grown as needed."""
+
+    def __init__(self, engine: DecodeEngine, width: int, S: int) -> None:
+        self.e = engine
+        self.W = width
+        self.S = S
+        self.G = 0  # group slots allocated
+        self.P = 0
+        L, H, D, dt = engine.n_layers, engine.n_kv, engine.head_dim, engine.dtype
+        self.gk = [torch.zeros(0, H, 0, D, dtype=dt) for _ in range(L)]
+        self.gv = [torch.zeros(0, H, 0, D, dtype=dt) for _ in range(L)]
+        self.sk = [torch.zeros(0, H, S, D, dtype=dt) for _ in range(L)]
+        self.sv = [torch.zeros(0, H, S, D, dtype=dt) for _ in range(L)]
+        self.glen = torch.zeros(0, dtype=torch.long)
+
+    def ensure(self, groups: int, plen: int) -> None:
+        """Room for `groups` group slots and prompts of `plen` tokens (zero-filled: masked
+        positions must hold finite numbers, since 0 x NaN is NaN)."""
+        G = max(self.G, groups if groups <= self.G else max(groups, 2 * self.G))
+        P = max(self.P, plen if plen <= self.P else -(-max(plen, int(self.P * 1.25)) // 32) * 32)
+        if G == self.G and P == self.P:
+            return
+        e = self.e
+        for lst in (self.gk, self.gv):
+            for i, x in enumerate(lst):
+                y = torch.zeros(G, e.n_kv, P, e.head_dim, dtype=e.dtype)
+                y[: self.G, :, : self.P] = x
+                lst[i] = y
+        for lst in (self.sk, self.sv):
+            for i, x in enumerate(lst):
+                y = torch.zeros(G * self.W, e.n_kv, self.S, e.head_dim, dtype=e.dtype)
+                y[: self.G * self.W] = x
+                lst[i] = y
+        glen = torch.zeros(G, dtype=torch.long)
+        glen[: self.G] = self.glen
+        self.glen, self.G, self.P = glen, G, P
+
+    def decode_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st: _Decode, scale: float
+    ) -> torch.Tensor:
+        """q (B, H, 1, D), k/v (B, Hkv, 1, D) for one new token per live row -> (B, 1, H, D)."""
+        B, H, _, D = q.shape
+        Hkv, W, G, P, S = k.shape[1], self.W, st.G, st.P, st.S
+        rep = H // Hkv
+        sk, sv = self.sk[layer], self.sv[layer]
+        sk[st.rows, :, st.spos] = k[:, :, 0]
+        sv[st.rows, :, st.spos] = v[:, :, 0]
+        q4 = q.reshape(B, Hkv, rep, D)
+        # Group part: each group's prompt KV is read once for all its rows.
+        qs = q.new_zeros(G * W, Hkv, rep, D)
+        qs[st.rows] = q4
+        qg = qs.view(G, W, Hkv, rep, D).transpose(1, 2).reshape(G, Hkv, W * rep, D)
+        gk, gv = self.gk[layer][:G, :, :P], self.gv[layer][:G, :, :P]
+        sg = torch.matmul(qg, gk.transpose(-1, -2))  # (G, Hkv, W*rep, P)
+        sg = sg.view(G, Hkv, W, rep, P).transpose(1, 2).reshape(G * W, Hkv, rep, P)[st.rows]
+        # Suffix part: each row's own generated tokens.
+        rk, rv = sk[st.rows, :, :S], sv[st.rows, :, :S]  # (B, Hkv, S, D)
+        ss = torch.matmul(q4, rk.transpose(-1, -2))  # (B, Hkv, rep, S)
+        scores = torch.cat([sg, ss], dim=-1) * scale
+        scores = scores + torch.cat([st.gbias, st.sbias], dim=-1)[:, None, None, :]
+        w = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        wg, ws = w[..., :P], w[..., P:]
+        wgs = w.new_zeros(G * W, Hkv, rep, P)
+        wgs[st.rows] = wg
+        wgs = wgs.view(G, W, Hkv, rep, P).transpose(1, 2).reshape(G, Hkv, W * rep, P)
+        og = torch.matmul(wgs, gv)  # (G, Hkv, W*rep, D)
+        og = og.view(G, Hkv, W, rep, D).transpose(1, 2).reshape(G * W, Hkv, rep, D)[st.rows]
+        out = og + torch.matmul(ws, rv)  # (B, Hkv, rep, D)
+        return out.reshape(B, 1, H, D)
+
+
+class DecodeEngine:
+    """Generation for `HFPolicy` on supported models (see the module doc).
+
+    Args:
+        model: a loaded transformers causal LM (`supports()` must accept it).
+        tokenizer: its tokenizer.
+        eos_ids: ids that end a sequence ("eos").
+        max_rows: live samples per decode step (the batch the MLP sees).
+        prefix_cache_mb: bound of the prefix cache in MiB; 0 = no cache.
+        cache_outputs: also cache each finished sample's prompt + generated tokens (a child
+            node's prompt starts with them).
+        prefill_tokens: most prompt tokens per prefill forward.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        eos_ids: Sequence[int],
+        *,
+        max_rows: int = 256,
+        prefix_cache_mb: int = 256,
+        cache_outputs: bool = True,
+        prefill_tokens: int = 4096,
+    ) -> None:
+        _register()
+        self.model = model
+        self.tok = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.pad_id = tokenizer.pad_token_id
+        cfg = model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype = model.dtype
+        self.max_rows = max_rows
+        self.cache = PrefixCache(prefix_cache_mb << 20)
+        self.cache_outputs = cache_outputs
+        self.prefill_tokens = prefill_tokens
+        self._tail_chars: dict[tuple[str, ...], set[str]] = {}
+        self._candidate: dict[tuple[str, ...], torch.Tensor] = {}
+        self._single: dict[tuple[str, ...], dict[int, str]] = {}
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        self.tokens_generated = 0
+        self.prefix_tokens_encoded = 0  # prompt tokens run through the model (prefill)
+        self.prefix_tokens_reused = 0  # prompt tokens whose KV came from the prefix cache
+        self.decode_steps = 0
+        self.row_steps = 0  # live rows summed over decode steps
+        self.prefills = 0
+        self.model_seconds = 0.0
+        self.sequences = 0
+
+    # --- stop strings ----------------------------------------------------------------------
+
+    def _stop_tables(self, stops: tuple[str, ...]) -> tuple[torch.Tensor, dict[int, str]]:
+        """(candidate (V,) bool: tokens after which a stop string may have just completed,
+        single: {token id: stop string} for stops that are one token)."""
+        if stops not in self._candidate:
+            V = self.model.get_output_embeddings().weight.shape[0]
+            tails = {s[-1] for s in stops if s}
+            cand = torch.zeros(V, dtype=torch.bool)
+            single: dict[int, str] = {}
+            for i in range(min(V, len(self.tok))):
+                t = self.tok.decode([i], skip_special_tokens=False)
+                if "\ufffd" in t or any(c in t for c in tails):
+                    cand[i] = True
+            for s in stops:
+                enc = self.tok.encode(s, add_special_tokens=False)
+                if len(enc) == 1 and self.tok.decode(enc) == s:
+                    single[enc[0]] = s
+            self._candidate[stops], self._single[stops] = cand, single
+        return self._candidate[stops], self._single[stops]
+
+    # --- the model ---------------------------------------------------------------------------
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
+        """Hidden states (B, T, h) of transformers' own forward with the engine's attention."""
+        cfg = self.model.config
+        old = cfg._attn_implementation
+        cfg._attn_implementation = ATTN_NAME
+        try:
+            out = self.model.model(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask={t: None for t in set(cfg.layer_types)},
+                use_cache=False,
+                rstar_state=state,
+            )
+        finally:
+            cfg._attn_implementation = old
+        return out.last_hidden_state
+
+    def _prefill(
+        self, items: list[_Item]
+    ) -> tuple[torch.Tensor, list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """Encode the prompts of `items` (reusing cached prefixes): (last-token logits (U, V),
+        per item per-layer k and v of the whole prompt, each (Hkv, L, D))."""
+        U = len(items)
+        hits = [self.cache.lookup(it.ids, len(it.ids) - 1) for it in items]
+        past = [n for _, n in hits]
+        new = [it.ids[n:] for it, n in zip(items, past)]
+        C, T = max(past), max(len(x) for x in new)
+        Hkv, D, dt = self.n_kv, self.head_dim, self.dtype
+        past_k = [torch.zeros(U, Hkv, C, D, dtype=dt) for _ in range(self.n_layers)]
+        past_v = [torch.zeros(U, Hkv, C, D, dtype=dt) for _ in range(self.n_layers)]
+        for u, (entry, n) in enumerate(hits):
+            if entry is not None:
+                for layer in range(self.n_layers):
+                    past_k[layer][u, :, :n] = entry.k[layer][:, :n]
+                    past_v[layer][u, :, :n] = entry.v[layer][:, :n]
+        ids = torch.full((U, T), self.pad_id, dtype=torch.long)
+        for u, x in enumerate(new):
+            ids[u, : len(x)] = torch.tensor(x, dtype=torch.long)
+        t = torch.arange(T)
+        pos = torch.tensor(past)[:, None] + t[None, :]  # (U, T), right padded
+        nlen = torch.tensor([len(x) for x in new])
+        past_ok = torch.arange(C)[None, :] < torch.tensor(past)[:, None]  # (U, C)
+        causal = (t[None, :] <= t[:, None])[None] & (t[None, None, :] < nlen[:, None, None])  # (U, T, T)
+        mask = torch.cat([past_ok[:, None, :].expand(U, T, C), causal], dim=-1)[:, None]
+        st = _Prefill(past_k, past_v, mask)
+        hidden = self._forward(ids, pos, st)  # (U, T, h)
+        last = hidden[torch.arange(U), nlen - 1]  # (U, h)
+        logits = self.model.lm_head(last)
+        ks, vs = [], []
+        for u, (x, n) in enumerate(zip(new, past)):
+            L = len(x)
+            ks.append(
+                [torch.cat([past_k[i][u, :, :n], st.new_k[i][u, :, :L]], dim=1) for i in range(self.n_layers)]
+            )
+            vs.append(
+                [torch.cat([past_v[i][u, :, :n], st.new_v[i][u, :, :L]], dim=1) for i in range(self.n_layers)]
+            )
+        self.prefix_tokens_encoded += int(nlen.sum())
+        self.prefix_tokens_reused += sum(past)
+        self.prefills += 1
+        return logits, ks, vs
+
+    # --- generation --------------------------------------------------------------------------
+
+    def generate(
+        self, requests: list[GenRequest], prompt_ids: list[list[int]], max_new: list[int]
+    ) -> list[list[Completion]]:
+        """For each request, `request.n` completions (see `HFPolicy.generate`); `prompt_ids`
+        and `max_new` (the capped token limit) per request."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self._generate(requests, prompt_ids, max_new)
+        self.model_seconds += time.perf_counter() - t0
+        return out
+
+    def _generate(
+        self, requests: list[GenRequest], prompt_ids: list[list[int]], max_new: list[int]
+    ) -> list[list[Completion]]:
+        results: list[list[Completion | None]] = [[None] * r.n for r in requests]
+        width = max(1, min(max((r.n for r in requests), default=1), 16))
+        items: list[_Item] = []
+        for ri, r in enumerate(requests):
+            if max_new[ri] <= 0 or not prompt_ids[ri]:
+                for si in range(r.n):
+                    results[ri][si] = Completion(text="", stop_reason="length", n_tokens=0)
+                continue
+            sample = r.temperature > 0
+            for s0 in range(0, r.n, width):
+                items.append(
+                    _Item(
+                        req=ri,
+                        samples=list(range(s0, min(r.n, s0 + width))),
+                        ids=prompt_ids[ri],
+                        max_new=max_new[ri],
+                        temperature=r.temperature if sample else 0.0,
+                        top_p=r.top_p if sample else 1.0,
+                        stops=tuple(r.stop),
+                    )
+                )
+        if not items:
+            return results  # type: ignore[return-value]
+        S = max(it.max_new for it in items)
+        batch = _Batch(self, width, S)
+        waiting = list(range(len(items)))[::-1]  # a stack: pop() takes the next in order
+        free_groups: list[int] = []
+        used_groups = 0
+        group_rows: dict[int, list[int]] = {}  # group slot -> live row slots
+        slot_row: dict[int, _Row] = {}  # row slot -> row
+        slot_item: dict[int, _Item] = {}  # group slot -> item
+        slen = torch.zeros(0, dtype=torch.long)  # per row slot: tokens in its suffix KV
+        live = 0
+        waiting_rows = sum(len(it.samples) for it in items)
+        # Admit when an eighth of the rows is free (or all that wait fit): prefills come in
+        # batches rather than one request per decode step.
+        admit_at = max(1, self.max_rows // 8)
+
+        def finish(slot: int, reason: str) -> None:
+            nonlocal live
+            row = slot_row.pop(slot)
+            row.done = reason
+            g = slot // width
+            group_rows[g].remove(slot)
+            live -= 1
+            it = slot_item[g]
+            if self.cache_outputs and self.cache.max_bytes > 0:
+                n = int(slen[slot])  # generated tokens whose KV exists
+                if n > 0:
+                    plen = len(it.ids)
+                    self.cache.insert(
+                        list(it.ids) + row.tokens[:n],
+                        [
+                            torch.cat([batch.gk[i][g, :, :plen], batch.sk[i][slot, :, :n]], dim=1)
+                            for i in range(self.n_layers)
+                        ],
+                        [
+                            torch.cat([batch.gv[i][g, :, :plen], batch.sv[i][slot, :, :n]], dim=1)
+                            for i in range(self.n_layers)
+                        ],
+                    )
+            results[it.req][row.sample] = self._completion(row, it)
+            if not group_rows[g]:
+                del group_rows[g], slot_item[g]
+                free_groups.append(g)
+
+        def check(slots: list[int], toks: list[int]) -> None:
+            """Append each row's new token; retire rows that ended."""
+            for slot, t in zip(slots, toks):
+                row = slot_row[slot]
+                it = slot_item[slot // width]
+                row.tokens.append(t)
+                cand, single = self._stop_tables(it.stops)
+                if t in single:
+                    finish(slot, "stop")
+                elif t in self.eos_ids:
+                    finish(slot, "eos")
+                elif cand[t] and it.stops and self._ends_with_stop(row.tokens, it.stops):
+                    finish(slot, "stop")
+                elif len(row.tokens) >= it.max_new:
+                    finish(slot, "length")
+
+        while waiting or live:
+            # 1. Admit waiting work into freed room, prefilling in batches.
+            room = self.max_rows - live
+            if waiting and (
+                live == 0 or room >= max(min(admit_at, waiting_rows), len(items[waiting[-1]].samples))
+            ):
+                admitted: list[tuple[int, _Item]] = []
+                tokens = 0
+                while waiting:
+                    it = items[waiting[-1]]
+                    if live + len(it.samples) > self.max_rows and live > 0:
+                        break
+                    if admitted and tokens + len(it.ids) > self.prefill_tokens:
+                        break
+                    waiting.pop()
+                    if free_groups:
+                        g = free_groups.pop()
+                    else:
+                        g, used_groups = used_groups, used_groups + 1
+                    admitted.append((g, it))
+                    live += len(it.samples)
+                    waiting_rows -= len(it.samples)
+                    tokens += len(it.ids)
+                batch.ensure(used_groups, max(len(it.ids) for _, it in admitted))
+                if slen.shape[0] < batch.G * width:
+                    slen = torch.cat([slen, torch.zeros(batch.G * width - slen.shape[0], dtype=torch.long)])
+                logits, ks, vs = self._prefill([it for _, it in admitted])
+                first_slots, first_logits, temps, tops, keys, steps = [], [], [], [], [], []
+                for u, (g, it) in enumerate(admitted):
+                    plen = len(it.ids)
+                    for i in range(self.n_layers):
+                        batch.gk[i][g, :, :plen] = ks[u][i]
+                        batch.gv[i][g, :, :plen] = vs[u][i]
+                    batch.glen[g] = plen
+                    if self.cache.max_bytes > 0:
+                        self.cache.insert(it.ids, ks[u], vs[u])
+                    slot_item[g] = it
+                    group_rows[g] = []
+                    req = requests[it.req]
+                    for j, si in enumerate(it.samples):
+                        slot = g * width + j
+                        key = (
+                            row_key(req.seed, si)
+                            if req.seed is not None
+                            else int(torch.randint(-(2**62), 2**62, ()).item())
+                        )
+                        slot_row[slot] = _Row(sample=si, key=key)
+                        group_rows[g].append(slot)
+                        slen[slot] = 0
+                        first_slots.append(slot)
+                        first_logits.append(u)
+                        temps.append(it.temperature)
+                        tops.append(it.top_p)
+                        keys.append(key)
+                        steps.append(0)
+                toks = sample_tokens(
+                    logits[first_logits],
+                    torch.tensor(temps),
+                    torch.tensor(tops),
+                    uniforms(torch.tensor(keys, dtype=torch.long), torch.tensor(steps)),
+                )
+                check(first_slots, toks.tolist())
+                continue
+            # 2. One decode step for every live row.
+            slots = sorted(slot_row)
+            rows_t = torch.tensor(slots)
+            groups = rows_t // width
+            spos = slen[rows_t]
+            glen = batch.glen[groups]
+            P = int(batch.glen[:used_groups].max())
+            S_ = int(spos.max()) + 1
+            gbias = torch.where(torch.arange(P)[None, :] < glen[:, None], 0.0, float("-inf")).to(self.dtype)
+            sbias = torch.where(torch.arange(S_)[None, :] <= spos[:, None], 0.0, float("-inf")).to(self.dtype)
+            st = _Decode(batch, rows_t, groups, spos, used_groups, P, S_, gbias, sbias)
+            last = torch.tensor([slot_row[s].tokens[-1] for s in slots])
+            hidden = self._forward(last[:, None], (glen + spos)[:, None], st)
+            logits = self.model.lm_head(hidden[:, 0])
+            slen[rows_t] = spos + 1
+            its = [slot_item[s // width] for s in slots]
+            toks = sample_tokens(
+                logits,
+                torch.tensor([it.temperature for it in its]),
+                torch.tensor([it.top_p for it in its]),
+                uniforms(
+                    torch.tensor([slot_row[s].key for s in slots], dtype=torch.long),
+                    torch.tensor([len(slot_row[s].tokens) for s in slots]),
+                ),
+            )
+            self.decode_steps += 1
+            self.row_steps += len(slots)
+            check(slots, toks.tolist())
+        return results  # type: ignore[return-value]
+
+    def _ends_with_stop(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
+        text = self.tok.decode(tokens, skip_special_tokens=False)
+        return first_stop_in(text, stops)
+
+    def _completion(self, row: _Row, it: _Item) -> Completion:
+        from rstar.models.hf import first_stop
+
+        strip = self.eos_ids | {self.pad_id}
+        text = self.tok.decode([t for t in row.tokens if t not in strip], skip_special_tokens=False)
+        reason = row.done
+        cut = first_stop(text, it.stops)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        elif reason == "stop":
+            reason = "length"
+        self.tokens_generated += len(row.tokens)
+        self.sequences += 1
+        return Completion(text=text, stop_reason=reason, n_tokens=len(row.tokens))
+
+
+def first_stop_in(text: str, stops: Sequence[str]) -> bool:
+    return any(s and s in text for s in stops)

@@ -1,0 +1,166 @@
+"""The CPU decode engine (`rstar.models.engine`) against HF `generate`, its reference.
+
+Real tiny Qwen2 models built in a temporary directory: a random one (long, stop-free
+continuations) and one that memorised a short step-format text (known stops).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import RSTAR_FORMAT
+from helpers.memorise import memorise
+from rstar import steps
+from rstar.models.base import GenRequest
+from rstar.models.engine import PrefixCache, sample_tokens, uniforms
+from rstar.models.hf import HFPolicy
+from rstar.models.tiny import build_tiny_policy
+
+STEP = "\n\n# add one\nx = x + 1\n<end_of_step>"
+HEADER = steps.sft_prompt("Count up.") + "<code>\n# start\nx = 0\n<end_of_step>"
+TRAIN_TEXT = HEADER + STEP * 4
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    memorise(model, tok, TRAIN_TEXT, [(HEADER + STEP * k, STEP) for k in range(4)])
+    return model, tok
+
+
+def prompts() -> list[str]:
+    examples = json.loads((RSTAR_FORMAT / "sft_data_examples.json").read_text())
+    return [HEADER, "x", HEADER + STEP * 2, HEADER + STEP] + [
+        steps.sft_prompt(e["query"]) + e["response"][: 40 * i] for i, e in enumerate(examples[:6])
+    ]
+
+
+def outs(policy: HFPolicy, reqs: list[GenRequest]) -> list[list[tuple]]:
+    return [[(c.text, c.stop_reason, c.n_tokens) for c in cs] for cs in policy.generate(reqs)]
+
+
+@pytest.mark.parametrize("stops", [steps.STOP_STRINGS, ["x + 1", "zzz"], []])
+def test_greedy_equals_hf_generate(trained, stops) -> None:
+    """Single-token stops, a stop string of several tokens (text tails), no stops (length);
+    several n, max_new_tokens and prompt lengths in one call, rows retiring at different steps."""
+    model, tok = trained
+    reqs = [
+        GenRequest(p, n=1 + i % 3, max_new_tokens=30 - 6 * (i % 4), temperature=0.0, stop=list(stops))
+        for i, p in enumerate(prompts())
+    ]
+    ref = outs(HFPolicy(model, tokenizer=tok, engine="hf", max_batch_size=64), reqs)
+    fast = HFPolicy(model, tokenizer=tok, engine="fast")
+    assert fast.engine is not None
+    assert outs(fast, reqs) == ref
+    if stops == steps.STOP_STRINGS:
+        assert ref[0][0] == (STEP, "stop", len(tok.encode(STEP, add_special_tokens=False)))
+    if stops and stops[0] == "x + 1":
+        assert ref[0][0][:2] == ("\n\n# add one\nx = x + 1", "stop")
+
+
+def test_continuous_batching_and_prefix_cache_change_nothing_greedy(tiny_dir: Path) -> None:
+    """A random model (long continuations): few live rows (requests wait and join as rows
+    finish) and the prefix cache on/off give HF generate's greedy output."""
+    reqs = [
+        GenRequest(p, n=2, max_new_tokens=6 + 3 * (i % 5), temperature=0.0, stop=steps.STOP_STRINGS)
+        for i, p in enumerate(prompts())
+    ]
+    ref = outs(HFPolicy(tiny_dir, engine="hf"), reqs)
+    small = HFPolicy(tiny_dir, engine="fast", prefix_cache_mb=0)
+    small.engine.max_rows = 3
+    assert outs(small, reqs) == ref
+    assert small.engine.cache.hits == 0
+    cached = HFPolicy(tiny_dir, engine="fast", prefix_cache_mb=64)
+    assert outs(cached, reqs) == ref
+    # A second call: every prompt and each sample's prompt + step is in the cache now.
+    deeper = [
+        GenRequest(r.prompt + c[0][0], n=1, max_new_tokens=5, temperature=0.0) for r, c in zip(reqs, ref)
+    ]
+    before = cached.engine.prefix_tokens_encoded
+    assert outs(cached, deeper) == outs(HFPolicy(tiny_dir, engine="hf"), deeper)
+    assert cached.engine.cache.hits > 0 and cached.engine.prefix_tokens_encoded - before < 3 * len(deeper)
+
+
+def test_seeded_samples_do_not_depend_on_batch_mates(tiny_dir: Path) -> None:
+    policy = HFPolicy(tiny_dir, engine="fast")
+    ps = prompts()
+    reqs = [
+        GenRequest(p, n=3, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=i) for i, p in enumerate(ps)
+    ]
+    together = outs(policy, reqs)
+    assert together == outs(policy, reqs[::-1])[::-1]
+    assert together[2] == outs(policy, [reqs[2]])[0]
+    assert len({c for cs in together for c in cs}) > len(ps)  # samples differ
+    other = outs(policy, [GenRequest(ps[2], n=3, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=99)])
+    assert other[0] != together[2]
+    # per-request settings in one call: a tiny top_p keeps only the top token = greedy
+    mixed = [
+        GenRequest(ps[0], n=2, max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=1),
+        GenRequest(ps[0], n=1, max_new_tokens=10, temperature=0.0),
+    ]
+    m = outs(policy, mixed)
+    assert m[0] == [m[1][0]] * 2
+
+
+def test_max_new_tokens_and_empty_calls(tiny_dir: Path) -> None:
+    policy = HFPolicy(tiny_dir, engine="fast", max_new_tokens_cap=4)
+    out = policy.generate(
+        [GenRequest("x", n=2, max_new_tokens=50, temperature=0.0), GenRequest("y", n=1, max_new_tokens=0)]
+    )
+    assert [c.n_tokens for c in out[0]] == [4, 4] and out[0][0].stop_reason == "length"
+    assert (out[1][0].text, out[1][0].stop_reason) == ("", "length")
+    assert policy.generate([]) == [] and policy.tokens_generated == 8
+
+
+def test_engine_is_chosen_for_qwen2_on_cpu_only(tiny_dir: Path) -> None:
+    assert HFPolicy(tiny_dir, device="cpu").engine is not None
+    assert HFPolicy(tiny_dir, device="cpu", engine="hf").engine is None
+    with pytest.raises(ValueError):
+        HFPolicy(tiny_dir, engine="nope")
+
+
+def test_sampling_top_p_and_temperature() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 4000))
+    keys = torch.arange(4000, dtype=torch.long) * 7919
+    u = uniforms(keys, torch.zeros(4000, dtype=torch.long))
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0 and abs(float(u.mean()) - 0.5) < 0.03
+    ones = torch.ones(4000)
+    tok = sample_tokens(logits, ones, ones, u)
+    freq = torch.bincount(tok, minlength=3).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+    tok = sample_tokens(logits, ones, torch.full((4000,), 0.7), u)  # top-p 0.7: {0, 1}
+    freq = torch.bincount(tok, minlength=3).float() / 4000
+    assert freq[2] == 0 and abs(float(freq[0]) - 0.625) < 0.03
+    assert sample_tokens(logits, torch.zeros(4000), ones, u).eq(0).all()  # greedy
+
+
+def test_prefix_cache_longest_prefix_and_lru() -> None:
+    kv = lambda n: [torch.full((2, n, 4), float(n))]  # noqa: E731 - one layer, 2 heads, dim 4
+    cache = PrefixCache(max_bytes=2 * 2 * 40 * 4 * 4)  # room for 80 tokens of k + v
+    a = list(range(40))
+    cache.insert(a, kv(40), kv(40))
+    entry, n = cache.lookup(a + [7, 8], limit=41)
+    assert n == 40 and entry.ids == tuple(a)
+    entry, n = cache.lookup(a[:35] + [999] * 10, limit=44)
+    assert n == 35  # the 16-token blocks find it, the token comparison ends the match
+    entry, n = cache.lookup(a, limit=39)
+    assert n == 39  # a prompt leaves at least one token to encode
+    assert cache.lookup([5] * 40, limit=39) == (None, 0)
+    cache.insert(list(range(100, 140)), kv(40), kv(40))
+    cache.insert(list(range(200, 240)), kv(40), kv(40))  # over the bound: the oldest goes
+    assert tuple(a) not in cache.entries and cache.nbytes <= cache.max_bytes
+    assert cache.lookup(a + [1], limit=41) == (None, 0)
