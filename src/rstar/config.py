@@ -99,6 +99,14 @@ class ModelConfig:
         "torch threads on CPU (0 = torch's default). On a small machine shared with sandbox and grading "
         "workers, 1 avoids threads spinning against each other",
     )
+    engine: str = _f(
+        "auto",
+        "hf backend's generation: auto (the CPU decode engine of rstar.models.engine for Qwen2 on CPU: "
+        "shared prompt KV, continuous batching, prefix cache; else HF generate) | hf (always HF generate) | fast",
+    )
+    prefix_cache_mb: int = _f(
+        256, "the decode engine's prefix cache (KV of encoded prompts, reused by their children) in MiB; 0 = off"
+    )
 
 
 @dataclass

@@ -42,7 +42,14 @@ def load_policy(cfg: ModelConfig) -> Policy:
     if cfg.backend == "hf":
         from rstar.models.hf import HFPolicy
 
-        return HFPolicy(cfg.policy, device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size)
+        return HFPolicy(
+            cfg.policy,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            max_batch_size=cfg.max_batch_size,
+            engine=cfg.engine,
+            prefix_cache_mb=cfg.prefix_cache_mb,
+        )
     if cfg.backend == "vllm":
         from rstar.models.vllm import VLLMPolicy
 
