@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from rstar import RstarError
 from rstar.config import Config, SearchConfig, add_config_arguments
+from rstar.lock import writes_to
 from rstar.search.expand import best_answer_node
 from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records, record_by_value
@@ -225,7 +226,7 @@ def metrics_at_budgets(
     top_k: int,
     same: Callable[[str, str], bool],
 ) -> dict:
-    """{budget: {metric: accuracy, "levels": {level: {metric: accuracy}}, "n": problems}}."""
+    """{budget: {metric: accuracy, "n": problems, "levels": {level: {metric: accuracy, "n": problems}}}}."""
     out = {}
     for k in budgets:
         totals: dict[str, Counter] = defaultdict(Counter)
@@ -236,7 +237,9 @@ def metrics_at_budgets(
                 counts[level] += 1
                 for m, ok in verdict.items():
                     totals[level][m] += ok
-        acc = {lvl: {m: totals[lvl][m] / counts[lvl] for m in METRICS} for lvl in counts}
+        acc = {
+            lvl: {**{m: totals[lvl][m] / counts[lvl] for m in METRICS}, "n": counts[lvl]} for lvl in counts
+        }
         out[k] = {
             **acc.pop("all", dict.fromkeys(METRICS, 0.0)),
             "n": counts["all"],
@@ -286,6 +289,7 @@ def eval_search_config(search: SearchConfig, mode: str, k_max: int, mcts_unit: s
     return search
 
 
+@writes_to("out_dir")
 def run_eval(
     problems: list,
     cfg: Config,

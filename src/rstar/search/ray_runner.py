@@ -53,6 +53,7 @@ from typing import Any
 
 from rstar import RstarError
 from rstar.config import Config
+from rstar.lock import writes_to
 from rstar.search.scheduler import Job, Stats
 
 # How long an actor holds an `exchange` call open when nothing has finished yet. Short enough
@@ -510,6 +511,7 @@ class _Driver:
                 self.ray.kill(slot.handle, no_restart=True)
 
 
+@writes_to("out_dir")
 def generate_ray(
     problems: list,
     cfg: Config,

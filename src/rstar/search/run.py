@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from rstar import RstarError
 from rstar.config import Config, add_config_arguments, config_from_args
+from rstar.lock import writes_to
 from rstar.progress import Reporter
 from rstar.search.jobs import check_reward, open_backends, prepare_run, record
 from rstar.search.scheduler import Backends, Job, Stats, run_jobs
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from rstar.search.ray_runner import RayOptions
 
 
+@writes_to("out_dir")
 def generate(
     problems: list,
     cfg: Config,
