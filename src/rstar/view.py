@@ -141,7 +141,7 @@ def _page_record(rec: dict, where: str) -> dict:
             raise ViewerError(f"{where}: record {rec.get('key')!r}: node {i} has id {n.get('id')!r}")
         nodes.append({f: _finite(n[f]) for f in NODE_FIELDS if f in n and n[f] is not None})
     try:
-        from rstar.evaluate import record_by_value
+        from rstar.search.treefile import record_by_value
 
         chosen = chosen_path(tree, record_by_value(rec))
     except (TypeError, KeyError) as e:  # a tree that does not load as rstar's Tree

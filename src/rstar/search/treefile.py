@@ -137,6 +137,17 @@ def run_records(run_dir: str | Path) -> list[dict]:
     return [rec for path in run_tree_files(run_dir) for rec in iter_records(path)]
 
 
+def record_by_value(rec: dict) -> bool | None:
+    """How the search of a tree-file record settled on its answer, as `best_answer_node`'s
+    `by_value` (search.expand): by reward value or by Q, from the record's config (None:
+    unknown, decide from the tree)."""
+    from rstar.config import SearchConfig, from_dict
+    from rstar.search.expand import settles_by_value  # imports the model interface: only here
+
+    search = rec.get("config", {}).get("search")
+    return settles_by_value(from_dict(SearchConfig, search)) if search else None
+
+
 def open_for_resume(path: str | Path) -> set[str]:
     """Cut a partial last line (left by a kill) off the file and return the keys done."""
     path = Path(path)
