@@ -15,17 +15,25 @@ GREEDY, BON, MCTS = "greedy", "bon-ppm", "mcts-ppm"
 RULE = {GREEDY: "best_of_n", BON: "best_of_n", MCTS: "topk_vote"}
 
 
-def _acc(summary: dict, run: str, level: str | None = None) -> float | None:
-    """Accuracy of one eval run at its largest budget (overall or for one level)."""
+def _metrics(summary: dict, run: str, level: str | None = None) -> dict | None:
+    """Metrics of one eval run at its largest budget (overall or for one level)."""
     r = (summary or {}).get("runs", {}).get(run)
     if not r:
         return None
     m = r["metrics"][max(r["metrics"], key=int)]
-    if level is not None:
-        m = m["levels"].get(level)
-        if m is None:
-            return None
-    return m[RULE[run]]
+    return m if level is None else m["levels"].get(level)
+
+
+def _acc(summary: dict, run: str, level: str | None = None) -> float | None:
+    """Accuracy of one eval run at its largest budget (overall or for one level)."""
+    m = _metrics(summary, run, level)
+    return None if m is None else m[RULE[run]]
+
+
+def _count(summary: dict, run: str, level: str | None = None) -> int | None:
+    """Problems behind that accuracy."""
+    m = _metrics(summary, run, level)
+    return None if m is None else m.get("n")
 
 
 def level_coverage(round_data: dict, level: str) -> float | None:
@@ -35,6 +43,13 @@ def level_coverage(round_data: dict, level: str) -> float | None:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _pct_n(x: float | None, n: int | None) -> str:
+    """An accuracy with its count: "40.0 (6/15)"."""
+    if x is None:
+        return "-"
+    return _pct(x) if n is None else f"{_pct(x)} ({round(x * n)}/{n})"
 
 
 def collect(state: dict) -> dict:
@@ -68,6 +83,11 @@ def collect(state: dict) -> dict:
                     for run in (GREEDY, BON, MCTS)
                     if run in ev.get("runs", {})
                 },
+                "test_n": {
+                    run: {"all": _count(ev, run), **{lv: _count(ev, run, lv) for lv in sorted(levels)}}
+                    for run in (GREEDY, BON, MCTS)
+                    if run in ev.get("runs", {})
+                },
                 "eval_samples": (ev.get("budgets") or [None])[-1],
                 "seconds": {
                     k.split("/")[1]: v["seconds"] for k, v in stages.items() if k.startswith(f"round{r}/")
@@ -76,7 +96,9 @@ def collect(state: dict) -> dict:
         )
     for name in ("eval_base", "eval_compare"):
         if name in stages:
-            out[name].update({lv: _acc(stages[name]["result"], GREEDY, lv) for lv in sorted(levels)})
+            res = stages[name]["result"]
+            out[name].update({lv: _acc(res, GREEDY, lv) for lv in sorted(levels)})
+            out[name]["n"] = {"all": _count(res, GREEDY), **{lv: _count(res, GREEDY, lv) for lv in levels}}
     out["levels"] = sorted(levels, key=lambda x: (len(x), x))
     return out
 
@@ -113,20 +135,20 @@ def markdown(data: dict, total_s: float) -> str:
     ]
     for name, label in (("eval_compare", "larger model (seed only)"), ("eval_base", "base (seed only)")):
         if name in data:
-            row = data[name]
+            row, ns = data[name], data[name].get("n", {})
             lines.append(
                 f"| {label} | greedy | "
-                + " | ".join(_pct(row.get(lv)) for lv in levels)
-                + f" | {_pct(row['all'])} |"
+                + " | ".join(_pct_n(row.get(lv), ns.get(lv)) for lv in levels)
+                + f" | {_pct_n(row['all'], ns.get('all'))} |"
             )
     for r in data["rounds"]:
         for run, label in ((GREEDY, "greedy"), (BON, f"best-of-{n} + PPM"), (MCTS, "MCTS + PPM")):
             if run in r["test"]:
-                row = r["test"][run]
+                row, ns = r["test"][run], r.get("test_n", {}).get(run, {})
                 lines.append(
                     f"| round {r['round']} | {label} | "
-                    + " | ".join(_pct(row.get(lv)) for lv in levels)
-                    + f" | {_pct(row['all'])} |"
+                    + " | ".join(_pct_n(row.get(lv), ns.get(lv)) for lv in levels)
+                    + f" | {_pct_n(row['all'], ns.get('all'))} |"
                 )
     lines += ["", "## PPM held-out pairwise accuracy (%)", ""]
     lines += ["| round | accuracy | held-out pairs |", "| --- | --- | --- |"]
@@ -143,30 +165,41 @@ def markdown(data: dict, total_s: float) -> str:
 
 
 def plot(data: dict, path: Path) -> None:
+    """Coverage per level by round, and test accuracy per level by round for each method: every
+    level on a fixed 0-100% axis, so that a level stuck at 0% reads as 0%."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in data["rounds"]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    levels = data["levels"]
+    fig, axes = plt.subplots(
+        1, 1 + max(len(levels), 1), figsize=(4 * (1 + max(len(levels), 1)), 3.6), squeeze=False
+    )
+    axes = axes[0]
     ax = axes[0]
-    for lv in data["levels"]:
+    for lv in levels:
         ys = [100 * (level_coverage(r, lv) or 0) for r in data["rounds"]]
         ax.plot(rounds, ys, marker="o", label=f"level {lv}")
     ax.set(title="training-set coverage", xlabel="round", ylabel="% problems solved by search", xticks=rounds)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    hardest = data["levels"][-1] if data["levels"] else None
-    for run, label in ((GREEDY, "greedy"), (BON, "best-of-N + PPM"), (MCTS, "MCTS + PPM")):
-        ys = [100 * (r["test"].get(run, {}).get(hardest) or 0) for r in data["rounds"]]
-        ax.plot(rounds, ys, marker="o", label=label)
-    ax.set(title=f"test accuracy, level {hardest}", xlabel="round", ylabel="%", xticks=rounds)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    for i, lv in enumerate(levels, start=1):
+        ax = axes[i]
+        for run, label in ((GREEDY, "greedy"), (BON, "best-of-N + PPM"), (MCTS, "MCTS + PPM")):
+            pts = [(r["round"], r["test"][run].get(lv)) for r in data["rounds"] if run in r["test"]]
+            pts = [(x, 100 * y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        if "eval_base" in data and data["eval_base"].get(lv) is not None:
+            ax.axhline(100 * data["eval_base"][lv], color="gray", ls="--", lw=1, label="base greedy")
+        ax.set(title=f"test accuracy, level {lv}", xlabel="round", ylabel="%", xticks=rounds)
+    for ax in axes:
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

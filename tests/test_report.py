@@ -1,0 +1,48 @@
+"""The evolve report: every accuracy carries its count, and plots use a fixed 0-100% axis."""
+
+from __future__ import annotations
+
+from rstar.report import collect, markdown, plot
+
+
+def _eval(acc_by_level: dict[str, tuple[int, int]]) -> dict:
+    """An eval summary with one greedy run at budget 1: {level: (correct, n)}."""
+    levels = {lv: {"best_of_n": c / n, "topk_vote": c / n, "n": n} for lv, (c, n) in acc_by_level.items()}
+    correct = sum(c for c, _ in acc_by_level.values())
+    total = sum(n for _, n in acc_by_level.values())
+    return {
+        "runs": {"greedy": {"metrics": {"1": {"best_of_n": correct / total, "n": total, "levels": levels}}}}
+    }
+
+
+def test_accuracies_carry_counts_and_plots_fix_the_axis(tmp_path, monkeypatch):
+    state = {
+        "stages": {
+            "eval_base": {"seconds": 1.0, "result": _eval({"1": (14, 15), "4": (0, 15)})},
+            "round1/extract": {
+                "seconds": 1.0,
+                "result": {
+                    "coverage": {
+                        "coverage": 0.5,
+                        "by_level": {"1": {"coverage": 1.0}, "4": {"coverage": 0.0}},
+                    }
+                },
+            },
+            "round1/eval": {"seconds": 1.0, "result": _eval({"1": (15, 15), "4": (3, 15)})},
+        }
+    }
+    data = collect(state)
+    md = markdown(data, 3.0)
+    assert "| base (seed only) | greedy | 93.3 (14/15) | 0.0 (0/15) | 46.7 (14/30) |" in md
+    assert "| round 1 | greedy | 100.0 (15/15) | 20.0 (3/15) | 60.0 (18/30) |" in md
+    import matplotlib.pyplot as plt
+
+    figs = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to inspect it
+    plot(data, tmp_path / "report.png")
+    (fig,) = figs
+    # coverage, level 1, level 4: each on 0-100%, a level at 0% included
+    assert len(fig.axes) == 3 and all(ax.get_ylim() == (-2.0, 102.0) for ax in fig.axes)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    real_close(fig)
