@@ -36,23 +36,12 @@ Design choices (and why):
   hard is the length of the chain, the changes of subject and the second distractor, which
   greedy decoding of a small policy gets wrong but a search can still find, and
   self-evolution can then learn from. That is the gap the demo needs. (Which levels seed
-  the policy is the caller's choice, see `seed_sft_records`.) Why the levels are this close:
-  a 2-layer policy copies sentences by position as much as by content, and fails from the
-  first step on questions much longer than any it was trained on. With the former levels
-  (3: 3-5 operations, 4: 5-7, distractors only from level 3), the seed-trained policy's
-  search covered 8% and 4% of them in round 1, and four rounds lifted level 4 by no more
-  than 8 points; with these levels its round-1 search covers 34-40% of level 3 in every run so
-  far, and level 4 has gained 8-26 points over four rounds (six runs of four presets;
-  README). What holds level 4 back shows in the report's coverage by solution length: the
-  seed-trained policy writes about four code steps whatever the question needs (levels 1-2
-  need two to four), and by round 4 its searches solve 81-100% of the training problems of
-  up to four steps but 10-31% of those of five or six (four runs), at level 3 and level 4
-  alike. Two ways of moving that limit were measured and not kept: steps without their
-  number (`# Step k:` is an anchor a 2-layer policy leans on: greedy 12-15% of the test
-  split without a step marker, 33% with an unnumbered `# Step:`, 40% numbered), and a level
-  1 of up to five or six operations, so that the seed set holds chains as long as level 4's (the
-  policy then writes five or six steps, but solves 15-22% greedily and pre-trains 40%
-  slower).
+  the policy is the caller's choice, see `seed_sft_records`.) The levels are this close
+  because a 2-layer policy copies sentences by position as much as by content and fails on
+  questions much longer than any it was trained on; what that measured, and what holds level
+  4 back (the length of the chain), is in docs/EXPERIMENTS.md ("World design").
+- **Step numbers.** Solution comments are numbered (`# Step k:`): a 2-layer policy leans on
+  them as anchors (docs/EXPERIMENTS.md).
 - **Distractors**: sentences with numbers that do not matter (ages, prices, distances,
   other people's objects). Their numbers never equal a number the solution uses, so "the
   solution does not use them" is checkable (`meta["distractors"]`).
