@@ -2,7 +2,7 @@
 
 Needs a CUDA GPU and vLLM (docs/GPU.md); needs no network: the model is built here, a
 tiny Qwen2 from `rstar.models.tiny` ("small" preset, ~5M parameters) trained for a few
-seconds to memorise one short solution, so that its greedy steps, and their stop tags, are
+seconds to memorise one short solution (tests/helpers/memorise.py), so that its greedy steps, and their stop tags, are
 known in advance. It checks, and prints figures for:
 
 1. greedy steps: each prompt's continuation is the memorised next step, ending with its
@@ -38,20 +38,11 @@ from rstar import steps
 from rstar.models.base import Completion, GenRequest
 from rstar.models.hf import first_stop
 
-# A solution with every kind of step (the same as tests/test_models_http.py).
-HEADER = steps.sft_prompt("Count up.") + "<code>\n# start at zero\nx = 0\n<end_of_step>"
-STEP2 = "\n\n# add one\nx = x + 1\n<end_of_step>"
-STEP3 = "\n\n# double it\nx = x * 2\n<end_of_step>"
-FINAL = "\n\n# Now print the final answer\nprint(x)\n<end_of_code>"
-OUTPUT = "\n<output>2<end_of_output>"
-ANSWER = "\n<answer>The count is \\boxed{2}<end_of_answer>"
-TRAIN_TEXT = HEADER + STEP2 + STEP3 + FINAL + OUTPUT + ANSWER
-CASES = [
-    (HEADER, STEP2),
-    (HEADER + STEP2, STEP3),
-    (HEADER + STEP2 + STEP3, FINAL),
-    (HEADER + STEP2 + STEP3 + FINAL + OUTPUT, ANSWER),
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# The memorised solution and its greedy steps, shared with the tests.
+from helpers.memorise import SOLUTION_CASES as CASES  # noqa: E402
+from helpers.memorise import STEP2, memorised_policy  # noqa: E402
+
 STOPS = steps.STOP_STRINGS
 
 failures: list[str] = []
@@ -62,30 +53,6 @@ def check(ok: bool, what: str) -> bool:
     if not ok:
         failures.append(what)
     return ok
-
-
-def build_model(out: Path, size: str, train_steps: int) -> Path:
-    """A tiny policy that has memorised TRAIN_TEXT (on the GPU: a few seconds)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rstar.models.tiny import build_tiny_policy
-
-    path = build_tiny_policy(out, size=size, seed=0)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).cuda()
-    ids = tok(TRAIN_TEXT, return_tensors="pt")["input_ids"].cuda()  # (1, T)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    model.train()
-    for _ in range(train_steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    print(f"trained {size} policy: loss {loss.item():.4f} after {train_steps} steps", flush=True)
-    model.cpu().save_pretrained(path)
-    return path
 
 
 def workload(n_requests: int, n: int, max_new: int) -> list[GenRequest]:
@@ -140,7 +107,6 @@ def main() -> int:
     ap.add_argument("--hf-requests", type=int, default=64, help="workload prefix run on HFPolicy")
     ap.add_argument("--hf-batch", type=int, default=256, help="HFPolicy max_batch_size")
     ap.add_argument("--size", default="small", help="tiny-policy preset (tiny, small, medium)")
-    ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--eager", action="store_true", help="vLLM enforce_eager (faster start, slower decode)")
@@ -162,7 +128,8 @@ def main() -> int:
         "dtype": args.dtype,
     }
     work = Path(args.work or tempfile.mkdtemp(prefix="vllm_check_"))
-    model_dir = build_model(work / "policy", args.size, args.train_steps)
+    # On the GPU until greedy decoding reproduces every step (a few seconds).
+    model_dir = memorised_policy(work / "policy", size=args.size, device="cuda")
 
     from rstar.models.vllm import VLLMPolicy
 

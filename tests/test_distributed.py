@@ -24,7 +24,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from killing import run_until_then_kill  # noqa: E402
+from helpers.killing import run_until_then_kill  # noqa: E402
 from rstar.config import load_config  # noqa: E402
 from rstar.data.problems import Problem  # noqa: E402
 from rstar.search.ray_runner import (  # noqa: E402

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from killing import run_until_then_kill
+from helpers.killing import run_until_then_kill
 from rstar import RstarError
 from rstar.config import load_config
 from rstar.data.extract import coverage_by_steps

@@ -2,7 +2,7 @@
 
 Most tests use one hand-built tree (`tree1`) whose right answers are worked out below, so a
 wrong selection shows up as a concrete difference; a property test checks the invariants on
-random MCTS trees grown by tests/viewer_trees.py.
+random MCTS trees grown by tests/helpers/viewer_trees.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import viewer_trees
 from conftest import RSTAR_FORMAT
+from helpers import viewer_trees
 from rstar import RstarError
 from rstar.cli import main as rstar_main
 from rstar.config import Config

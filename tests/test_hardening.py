@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-SCRIPTED = TESTS / "generate_scripted.py"
+SCRIPTED = TESTS / "helpers" / "generate_scripted.py"
 PY = sys.executable
 
 

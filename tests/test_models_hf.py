@@ -15,19 +15,16 @@ import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
-from helpers.memorise import memorise
+from helpers.memorise import REPEAT_CASES, memorise
+from helpers.memorise import REPEAT_HEADER as HEADER
+from helpers.memorise import REPEAT_STEP as STEP
+from helpers.memorise import REPEAT_TEXT as TRAIN_TEXT
 from rstar import steps
 from rstar.models.base import Completion, GenRequest, Policy
 from rstar.models.hf import HFPolicy, _GeneratedStopCriteria, first_stop
 from rstar.models.tiny import ADDED_TOKENS, build_tiny_policy, default_corpus, train_tokenizer
 
 SFT_EXAMPLES = RSTAR_FORMAT / "sft_data_examples.json"
-
-# One step, repeated: after any `<end_of_step>` the trained model must go on with
-# "\n\n# add one\nx = x + 1\n<end_of_step>", not stop at once.
-STEP = "\n\n# add one\nx = x + 1\n<end_of_step>"
-HEADER = steps.sft_prompt("Count up.") + "<code>\n# start\nx = 0\n<end_of_step>"
-TRAIN_TEXT = HEADER + STEP * 4
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -46,8 +43,7 @@ def trained(tiny_dir: Path):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     # Until greedy decoding goes on with STEP after the header and after every STEP.
-    cases = [(HEADER + STEP * k, STEP) for k in range(4)]
-    memorise(model, tok, TRAIN_TEXT, cases)
+    memorise(model, tok, TRAIN_TEXT, REPEAT_CASES)
     return model, tok
 
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from killing import run_until_then_kill
+from helpers.killing import run_until_then_kill
 
-SCRIPT = Path(__file__).parent / "generate_scripted.py"
+SCRIPT = Path(__file__).parent / "helpers" / "generate_scripted.py"
 
 
 def keys(path: Path) -> list[str]:

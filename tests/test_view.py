@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import viewer_trees
+from helpers import viewer_trees
 from rstar import view
 from rstar.cli import main as rstar_main
 from rstar.search.expand import best_answer_node

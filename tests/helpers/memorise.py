@@ -11,8 +11,37 @@ vLLM's) decode the same tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+
+from rstar import steps
+
+# --- the texts the tiny models memorise ---------------------------------------------------------
+
+# One step, repeated: after any `<end_of_step>` the trained model must go on with REPEAT_STEP,
+# not stop at once (tests/test_models_hf.py, tests/test_engine.py).
+REPEAT_STEP = "\n\n# add one\nx = x + 1\n<end_of_step>"
+REPEAT_HEADER = steps.sft_prompt("Count up.") + "<code>\n# start\nx = 0\n<end_of_step>"
+REPEAT_TEXT = REPEAT_HEADER + REPEAT_STEP * 4
+REPEAT_CASES = [(REPEAT_HEADER + REPEAT_STEP * k, REPEAT_STEP) for k in range(4)]
+
+# A solution with every kind of step, each different so that a tiny model can memorise it
+# (tests/test_models_http.py, bench/vllm_check.py).
+HEADER = steps.sft_prompt("Count up.") + "<code>\n# start at zero\nx = 0\n<end_of_step>"
+STEP2 = "\n\n# add one\nx = x + 1\n<end_of_step>"
+STEP3 = "\n\n# double it\nx = x * 2\n<end_of_step>"
+FINAL = "\n\n# Now print the final answer\nprint(x)\n<end_of_code>"
+OUTPUT = "\n<output>2<end_of_output>"
+ANSWER = "\n<answer>The count is \\boxed{2}<end_of_answer>"
+SOLUTION_TEXT = HEADER + STEP2 + STEP3 + FINAL + OUTPUT + ANSWER
+# (prompt, the greedy continuation up to and including its stop tag)
+SOLUTION_CASES = [
+    (HEADER, STEP2),
+    (HEADER + STEP2, STEP3),
+    (HEADER + STEP2 + STEP3, FINAL),
+    (HEADER + STEP2 + STEP3 + FINAL + OUTPUT, ANSWER),
+]
 
 
 def greedy_matches(model, tok, cases: Sequence[tuple[str, str]]) -> list[bool]:
@@ -85,3 +114,27 @@ def memorise(
                 )
     model.eval()
     return steps
+
+
+def memorised_policy(
+    out: str | Path,
+    text: str = SOLUTION_TEXT,
+    cases: Sequence[tuple[str, str]] = SOLUTION_CASES,
+    *,
+    size: str = "tiny",
+    device: str = "cpu",
+    seed: int = 0,
+) -> Path:
+    """A tiny policy (`rstar.models.tiny`, preset `size`) that has memorised `text`, trained
+    on `device` and saved as an HF directory at `out`; returns its path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rstar.models.tiny import build_tiny_policy
+
+    path = build_tiny_policy(out, size=size, seed=seed)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    steps_taken = memorise(model, tok, text, cases, seed=seed)
+    print(f"memorised by a {size} policy in {steps_taken} steps", flush=True)
+    model.cpu().save_pretrained(path)
+    return Path(path)

@@ -1,5 +1,5 @@
 """Synthetic but realistic tree-file records for the viewer tests (and for trying the viewer:
-`python tests/viewer_trees.py OUT.jsonl`).
+`python tests/helpers/viewer_trees.py OUT.jsonl`).
 
 A tree is grown by a real MCTS loop over `rstar.search.tree` (UCT selection, expansion,
 backup): steps are in the code-augmented format, each node carries a hidden chance that its

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: scripted, test_search
 
 from rstar.config import load_config  # noqa: E402
 from rstar.search.jobs import open_backends  # noqa: E402
