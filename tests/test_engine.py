@@ -13,16 +13,15 @@ import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
-from helpers.memorise import memorise
+from helpers.memorise import REPEAT_CASES, memorise
+from helpers.memorise import REPEAT_HEADER as HEADER
+from helpers.memorise import REPEAT_STEP as STEP
+from helpers.memorise import REPEAT_TEXT as TRAIN_TEXT
 from rstar import steps
 from rstar.models.base import GenRequest
 from rstar.models.engine import PrefixCache, sample_tokens, uniforms
 from rstar.models.hf import HFPolicy
 from rstar.models.tiny import build_tiny_policy
-
-STEP = "\n\n# add one\nx = x + 1\n<end_of_step>"
-HEADER = steps.sft_prompt("Count up.") + "<code>\n# start\nx = 0\n<end_of_step>"
-TRAIN_TEXT = HEADER + STEP * 4
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -38,7 +37,7 @@ def trained(tiny_dir: Path):
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    memorise(model, tok, TRAIN_TEXT, [(HEADER + STEP * k, STEP) for k in range(4)])
+    memorise(model, tok, TRAIN_TEXT, REPEAT_CASES)
     return model, tok
 
 
