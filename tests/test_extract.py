@@ -69,7 +69,7 @@ def chain(tree: Tree, name: str, ans: str, qs: tuple[float, float, float], N: in
 
 
 def make_record(tree: Tree, pid: str = "p:1", index: int = 0, level: str | None = "Level 2") -> dict:
-    """A tree-file line as `rstar generate` writes it (rstar.search.run.record)."""
+    """A tree-file line as `rstar generate` writes it (rstar.search.jobs.record)."""
     problem = Problem(id=pid, question=tree.question, answer="42", level=level, source="test")
     job = Job(problem=problem, index=index, seed=1000 + index)
     info = {"answer": None, "correct": None, "seconds": 0.1, "nodes": len(tree.nodes) - 1, "tokens": 0}
