@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 TESTS = Path(__file__).resolve().parent
 SCRIPTED = TESTS / "helpers" / "generate_scripted.py"
 PY = sys.executable
@@ -107,3 +109,112 @@ def test_lock_is_reentrant_in_one_process_and_released(tmp_path):
     with locked_dir(tmp_path / "d"):  # released: taken again
         pass
     assert os.path.isdir(tmp_path / "d")
+
+
+# --- one line for every bad input ------------------------------------------------------------
+
+
+def _tree_record(key: str = "k", **over) -> dict:
+    nodes = [
+        {"id": 0, "parent": None, "depth": 0, "text": "", "children": [1], "N": 1, "q": 0.0},
+        {"id": 1, "parent": 0, "depth": 1, "text": "step", "children": [], "N": 1, "q": 0.0},
+    ]
+    rec = {
+        "key": key,
+        "problem": {"id": "p", "question": "1+1?", "answer": "2"},
+        "mode": "mcts",
+        "tree": {"question": "1+1?", "prompt": "", "nodes": nodes},
+    }
+    rec.update(over)
+    return rec
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "p.json").write_text(json.dumps([{"id": "a", "question": "1+1?", "answer": "2"}]))
+    (d / "empty.json").write_text("[]")
+    (d / "empty.jsonl").write_text("")
+    (d / "file.json").write_text('{"a": 1}')
+    (d / "model").mkdir()
+    (d / "model" / "config.json").write_text("{}")  # passes the directory check, never loaded
+    (d / "binary.py").write_bytes(b"\x7fELF\x00\x01\x02")
+    (d / "latin1.py").write_bytes(b"print('caf\xe9')")
+    (d / "ok.py").write_text("print(1)\n")
+    (d / "garbage.jsonl").write_bytes(b"this is not a tree")
+    (d / "problem_str.jsonl").write_text(json.dumps(_tree_record(problem="what is 1+1?")) + "\n")
+    missing = _tree_record()
+    missing["tree"]["nodes"][0]["children"] = [1, 5]
+    (d / "missing_child.jsonl").write_text(json.dumps(missing) + "\n")
+    cycle = _tree_record()
+    cycle["tree"]["nodes"].append(
+        {"id": 2, "parent": 3, "depth": 2, "text": "a", "children": [3], "N": 1, "q": 0}
+    )
+    cycle["tree"]["nodes"].append(
+        {"id": 3, "parent": 2, "depth": 2, "text": "b", "children": [2], "N": 1, "q": 0}
+    )
+    (d / "cycle.jsonl").write_text(json.dumps(cycle) + "\n")
+    (d / "evolve").mkdir()
+    (d / "evolve" / "state.json").write_text('{"stages": {"problems": ')
+    return d
+
+
+GEN = ["generate", "--problems", "{d}/p.json", "--out", "{out}"]
+# (case, arguments ({d}: the inputs, {out}: a fresh path), what the error line must say)
+BAD_INPUTS = [
+    ("policy-missing", [*GEN, "--policy", "/nonexistent"], "--policy /nonexistent: no such model directory"),
+    ("policy-file", [*GEN, "--policy", "{d}/file.json"], "a file, expected a model directory"),
+    ("policy-typo", [*GEN, "--policy", "./tinyy"], "--policy ./tinyy: no such model directory"),
+    ("policy-offline", [*GEN, "--policy", "nosuch/model"], "not in the Hugging Face cache"),
+    ("config-missing", [*GEN, "--policy", "{d}/model", "--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    ("out-is-file", ["generate", "--problems", "{d}/p.json", "--out", "{d}/file.json"], "not a directory"),
+    ("out-unwritable", ["generate", "--problems", "{d}/p.json", "--out", "{d}/file.json/sub"], "--out"),
+    ("limit-negative", [*GEN, "--limit", "-1"], "argument --limit"),
+    ("problems-empty", ["generate", "--problems", "{d}/empty.json", "--out", "{out}"], "no problems"),
+    ("problems-empty-jsonl", ["generate", "--problems", "{d}/empty.jsonl", "--out", "{out}"], "no problems"),
+    ("cuda-on-cpu", [*GEN, "--policy", "{d}/model", "--set", "model.device=cuda"], "model.device=cuda"),
+    ("ray-no-cluster", [*GEN, "--policy", "{d}/model", "--ray", "auto"], "no running Ray cluster"),
+    (
+        "eval-policy",
+        ["eval", "--benchmark", "{d}/p.json", "--policy", "/nonexistent", "--out", "{out}"],
+        "--policy",
+    ),
+    (
+        "eval-empty",
+        ["eval", "--benchmark", "{d}/empty.json", "--policy", "{d}/model", "--out", "{out}"],
+        "no problems",
+    ),
+    ("exec-missing", ["exec", "{d}/nope.py"], "no such file"),
+    ("exec-binary", ["exec", "{d}/binary.py"], "a binary file"),
+    ("exec-not-utf8", ["exec", "{d}/latin1.py"], "not UTF-8"),
+    ("exec-timeout-0", ["exec", "{d}/ok.py", "--timeout", "0"], "argument --timeout"),
+    ("exec-timeout-nan", ["exec", "{d}/ok.py", "--timeout", "nan"], "argument --timeout"),
+    ("exec-timeout-huge", ["exec", "{d}/ok.py", "--timeout", "1e12"], "argument --timeout"),
+    ("exec-memory-0", ["exec", "{d}/ok.py", "--memory-mb", "0"], "argument --memory-mb"),
+    ("grade-timeout-0", ["grade", "1", "1", "--timeout", "0"], "argument --timeout"),
+    ("view-problem-str", ["view", "{d}/problem_str.jsonl", "--out", "{out}.html"], "problem.id"),
+    ("view-missing-child", ["view", "{d}/missing_child.jsonl", "--out", "{out}.html"], "child 5"),
+    ("view-cycle", ["view", "{d}/cycle.jsonl", "--out", "{out}.html"], "not an earlier node"),
+    ("extract-garbage", ["extract", "sft", "{d}/garbage.jsonl", "--out", "{out}.jsonl"], "no tree records"),
+    ("evolve-corrupt-state", ["evolve", "--run-dir", "{d}/evolve"], "state.json: corrupt"),
+    ("solve-no-gold", ["solve", "1+1?", "--preset", "embedded", "--policy", "{d}/model"], "pass --answer"),
+    ("sandbox-set-nan", [*GEN, "--policy", "{d}/model", "--set", "sandbox.timeout_s=nan"], "timeout_s"),
+]
+
+
+@pytest.mark.parametrize("case,argv,says", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_and_leaves_nothing(case, argv, says, inputs, tmp_path):
+    out = tmp_path / "out"
+    args = [a.format(d=inputs, out=out) for a in argv]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [PY, "-m", "rstar.cli", *args], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rstar ") and "error" in last, proc.stderr
+    assert says in last, last
+    assert time.monotonic() - t0 < 60
+    assert not out.exists() and not Path(f"{out}.html").exists() and not Path(f"{out}.jsonl").exists()

@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except RstarError as e:
         print(f"rstar {name}: error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        if e.filename is None:
+            raise  # not about a path the user gave: a bug, keep its traceback
+        print(f"rstar {name}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `rstar ... | head`
         sys.stderr.close()
         return 0

@@ -292,6 +292,8 @@ def list_presets() -> list[str]:
 def _read_yaml(path: Path, where: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read ({e.strerror})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {e}") from e
     if not isinstance(data, dict):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rstar import RstarError
+from rstar.checks import check_models, positive_int
 from rstar.config import Config, SearchConfig, add_config_arguments
 from rstar.lock import writes_to
 from rstar.search.expand import best_answer_node
@@ -454,7 +455,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trajectories", default="1,4,16,64", help="budgets, comma-separated (one run serves all)"
     )
-    parser.add_argument("--top-k", type=int, default=4, help="trajectories in the paper's final vote (4-8)")
+    parser.add_argument("--top-k", type=positive_int, default=4, help="trajectories in the paper's final vote (4-8)")
     parser.add_argument(
         "--mcts-unit",
         choices=["searches", "rollouts"],
@@ -469,7 +470,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--limit", type=int, help="only the first N problems")
+    parser.add_argument("--limit", type=positive_int, help="only the first N problems")
     parser.add_argument("--data-dir", help="directory of local benchmark files (also $RSTAR_DATA_DIR)")
     add_config_arguments(parser, default_preset="eval")
     add_ray_arguments(parser)
@@ -497,6 +498,14 @@ def _cli(args: argparse.Namespace) -> int:
             raise RstarError(f"--ablation {item!r}: expected NAME=DIR")
         runs.append(EvalRun(name=f"mcts-{name.strip()}", mode="mcts", reward=path.strip()))
     problems = load_benchmark(args.benchmark, args.data_dir, args.limit)
+    if not problems:
+        raise RstarError(f"--benchmark {args.benchmark}: no problems in it")
+    options = ray_options_from_args(args)
+    if options is None:
+        check_models(cfg.model)
+        for run in runs:
+            if run.reward:
+                check_models(dataclasses.replace(cfg.model, ppm=run.reward), ppm_flag=f"{run.name}: reward model")
     summary = run_eval(
         problems,
         cfg,
@@ -506,7 +515,7 @@ def _cli(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         resume=args.resume,
         mcts_unit=args.mcts_unit,
-        ray=ray_options_from_args(args),
+        ray=options,
     )
     scaling_plot(summary, Path(args.out) / "scaling.png", title=f"{args.benchmark}")
     table = summary_table(summary)

@@ -66,7 +66,14 @@ class RunState:
                 "from a run this command can resume; pick another --run-dir or empty this one"
             )
         if self.path.exists():
-            self.data = json.loads(self.path.read_text())
+            try:
+                self.data = json.loads(self.path.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RstarError(
+                    f"{self.path}: corrupt, not JSON ({e}): restore it, or pick another --run-dir"
+                ) from e
+            if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
+                raise RstarError(f"{self.path}: not a run state (no 'stages' mapping): pick another --run-dir")
             if self.data.get("config") != cfg.to_dict():
                 log(f"note: {self.path} was written with another config; finished stages are kept")
         else:

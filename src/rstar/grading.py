@@ -621,8 +621,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.jsonl",
         help='grade each line {"gold": ..., "pred": ...} of FILE ("-" for stdin); prints one JSON line per pair',
     )
-    parser.add_argument("--timeout", type=float, default=5.0, help="hard limit per pair, seconds (default 5)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    from rstar.checks import positive_int, seconds
+
+    parser.add_argument("--timeout", type=seconds, default=5.0, help="hard limit per pair, seconds (default 5)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     parser.set_defaults(func=_cli)
 
 

@@ -131,7 +131,27 @@ def chosen_path(tree: dict, by_value: bool | None = None) -> list[int]:
     return [0] + [n.id for n in t.path(node)]
 
 
+def check_record(rec: dict, where: str) -> None:
+    """The checks `rstar extract` makes (fields, node ids, child links), and that each node's
+    parent comes before it (ids are in generation order), so the links form one tree."""
+    from rstar.data.extract import parse_search
+
+    origin = f"{where} (record {rec.get('key')!r})" if isinstance(rec, dict) else where
+    try:
+        search = parse_search(origin, rec)
+    except RstarError as e:
+        raise ViewerError(str(e)) from None
+    for node in search.tree.nodes[1:]:
+        if not isinstance(node.parent, int) or not 0 <= node.parent < node.id:
+            raise ViewerError(
+                f"{origin}: tree.nodes[{node.id}]: parent {node.parent!r} is not an earlier node"
+            )
+        if node.id not in search.tree.nodes[node.parent].children:
+            raise ViewerError(f"{origin}: tree.nodes[{node.id}] is missing from its parent's children")
+
+
 def _page_record(rec: dict, where: str) -> dict:
+    check_record(rec, where)
     tree = rec.get("tree")
     if not isinstance(tree, dict) or not isinstance(tree.get("nodes"), list) or not tree["nodes"]:
         raise ViewerError(f"{where}: record {rec.get('key')!r} has no tree with nodes")
@@ -253,14 +273,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from rstar.search.treefile import iter_records
+    from rstar.search.treefile import numbered_records
 
     path = Path(args.trees)
     if not path.is_file():
         raise ViewerError(f"{path}: no such file")
-    records = list(iter_records(path))
+    numbered = list(numbered_records(path))
     if args.max_problems is not None:
-        records = records[: args.max_problems]
+        numbered = numbered[: args.max_problems]
+    for origin, rec in numbered:
+        check_record(rec, origin)
+    records = [rec for _, rec in numbered]
     if not records:
         raise ViewerError(f"{path}: no records")
     selected = _select(records, args.problem)

@@ -795,16 +795,25 @@ _EXTRACTORS: dict[str, Callable[[Records, ExtractStats, argparse.Namespace], lis
 }
 
 
+def _require_trees(stats: ExtractStats, files: list[Path]) -> None:
+    """Nothing read is an error, not "0 trees" (an empty file, or one cut-off or garbage line)."""
+    if not stats.trees:
+        raise RstarError(f"{', '.join(map(str, files))}: no tree records in it (empty, or only a cut-off line)")
+
+
 def _cli(args: argparse.Namespace) -> int:
     files = tree_files(args.trees)
     stats = ExtractStats(files=len(files))
     log = sys.stderr if getattr(args, "out", None) == "-" or getattr(args, "json", False) else sys.stdout
     if args.what == "coverage":
         cov = coverage(read_trees(files), stats)
+        _require_trees(stats, files)
         if args.json:
             print(json.dumps(cov, indent=2))
     else:
-        write_records(_EXTRACTORS[args.what](read_trees(files), stats, args), args.out)
+        out = _EXTRACTORS[args.what](read_trees(files), stats, args)
+        _require_trees(stats, files)
+        write_records(out, args.out)
     for line in summary(args.what, stats, args):
         print(line, file=log)
     return 0

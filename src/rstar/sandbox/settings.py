@@ -4,6 +4,7 @@ this package too."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,8 @@ HEAVY_PRELOAD: tuple[str, ...] = ("numpy", "sympy", "mpmath", "secrets")
 # The authors' executor (rStar-math `python_tool.py`, from MARIO's PythonInterpreter) cut each
 # observation to this many characters (first half + "..." + last half).
 AUTHORS_MAX_CHARS = 1024
+# The longest a program may run (a day): larger limits overflow the worker's deadline arithmetic.
+MAX_TIMEOUT_S = 86400.0
 
 
 def _f(default: Any, help: str) -> Any:
@@ -74,7 +77,11 @@ class SandboxConfig:
             raise ValueError(f"output_style={self.output_style!r}: expected {' | '.join(OUTPUT_STYLES)}")
         if self.isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation={self.isolation!r}: expected {' | '.join(ISOLATION_MODES)}")
-        if self.timeout_s <= 0 or self.memory_mb <= 0 or self.workers < 1 or self.max_processes < 1:
-            raise ValueError("timeout_s, memory_mb, workers and max_processes must be positive")
+        if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S):
+            raise ValueError(f"timeout_s={self.timeout_s}: expected seconds in (0, {MAX_TIMEOUT_S:g}]")
+        if self.memory_mb <= 0 or self.workers < 1 or self.max_processes < 1 or self.tmpfs_mb < 1:
+            raise ValueError("memory_mb, workers, max_processes and tmpfs_mb must be positive")
+        if self.max_output_bytes < 1 or self.max_file_bytes < 0:
+            raise ValueError("max_output_bytes must be positive and max_file_bytes not negative")
         self.preload = list(self.preload)
         self.heavy_preload = list(self.heavy_preload)

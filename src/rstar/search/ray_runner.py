@@ -283,7 +283,14 @@ def ray_session(options: RayOptions) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(address=options.address)
+    try:
+        ray.init(address=options.address)
+    except ConnectionError:
+        # (Ray's own message names an `--address` flag, which rstar does not have.)
+        raise RstarError(
+            f"--ray {options.address}: found no running Ray cluster to join: start one with `ray start "
+            "--head`, pass its HOST:PORT, or give --ray no value to start Ray on this machine"
+        ) from None
     try:
         yield
     finally:

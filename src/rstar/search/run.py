@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rstar import RstarError
+from rstar.checks import check_models, positive_int
 from rstar.config import Config, add_config_arguments, config_from_args
 from rstar.lock import writes_to
 from rstar.progress import Reporter
@@ -111,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue a run in --out that was stopped or killed"
     )
-    parser.add_argument("--limit", type=int, help="only the first N problems")
+    parser.add_argument("--limit", type=positive_int, help="only the first N problems")
     add_model_arguments(parser)
     add_config_arguments(parser, default_preset="round2")
     add_ray_arguments(parser)
@@ -124,6 +125,11 @@ def _cli(args: argparse.Namespace) -> int:
 
     cfg = config_with_model_args(args)
     problems = load_problems(args.problems, limit=args.limit)
-    stats = generate(problems, cfg, args.out, resume=args.resume, ray=ray_options_from_args(args))
+    if not problems:
+        raise RstarError(f"--problems {args.problems}: no problems in it")
+    options = ray_options_from_args(args)
+    if options is None:  # (Ray actors load the models where they run)
+        check_models(cfg.model)
+    stats = generate(problems, cfg, args.out, resume=args.resume, ray=options)
     print(json.dumps(stats.as_dict()))
     return 0
