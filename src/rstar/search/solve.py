@@ -6,6 +6,8 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
+from rstar import RstarError
+from rstar.checks import check_models
 from rstar.config import Config, add_config_arguments
 from rstar.search.expand import best_answer_node, derive_seed
 from rstar.search.jobs import check_reward, open_backends
@@ -27,7 +29,18 @@ class Question:
         return {"id": self.id, "question": self.question, "answer": self.answer}
 
 
+def check_gold(cfg: Config, gold: str) -> None:
+    """Terminal-guided MCTS (data generation) values a terminal by its graded answer: without a
+    gold answer every terminal would back up -1 and the answer would be picked blind."""
+    if cfg.search.mode == "mcts" and cfg.search.terminal_guided and not gold:
+        raise RstarError(
+            "this search is terminal-guided (search.terminal_guided=true: a data-generation preset) and "
+            "needs the gold answer: pass --answer ANSWER, or use an inference preset such as --preset eval"
+        )
+
+
 def solve(question: str, cfg: Config, backends: Backends, gold: str = "") -> Tree:
+    check_gold(cfg, gold)
     check_reward(cfg, backends.reward)
     trees: list[Tree] = []
     job = Job(problem=Question(question, gold), seed=derive_seed(cfg.search.seed, "solve", question))
@@ -71,6 +84,8 @@ def _cli(args: argparse.Namespace) -> int:
     if args.mode:
         args.overrides = [f"search.mode={args.mode}", *args.overrides]
     cfg = config_with_model_args(args)
+    check_gold(cfg, args.answer)
+    check_models(cfg.model)
     with open_backends(cfg, need_grader=bool(args.answer)) as backends:
         tree = solve(args.question, cfg, backends, gold=args.answer)
     print(
