@@ -37,7 +37,10 @@ styles, with the authors' executor re-implemented), `cli` (`rstar exec`). The wo
 starts as `python -c "from rstar.sandbox.worker import _worker_main; ..."` (`rstar.workers`).
 """
 
-from rstar.sandbox.pool import ExecResult, SandboxPool, run_code
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from rstar.sandbox.settings import (
     AUTHORS_MAX_CHARS,
     HEAVY_PRELOAD,
@@ -46,7 +49,10 @@ from rstar.sandbox.settings import (
     OUTPUT_STYLES,
     SandboxConfig,
 )
-from rstar.sandbox.styles import format_error
+
+if TYPE_CHECKING:
+    from rstar.sandbox.pool import ExecResult, SandboxPool, run_code
+    from rstar.sandbox.styles import format_error
 
 __all__ = [
     "AUTHORS_MAX_CHARS",
@@ -60,3 +66,17 @@ __all__ = [
     "format_error",
     "run_code",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The pool (threads, subprocess) is loaded when first asked for: `rstar.config` reads only
+    # the settings, and a worker process (`sandbox.worker`) never needs the pool at all.
+    if name in ("ExecResult", "SandboxPool", "run_code"):
+        from rstar.sandbox import pool
+
+        return getattr(pool, name)
+    if name == "format_error":
+        from rstar.sandbox.styles import format_error
+
+        return format_error
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
