@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
-from helpers.memorise import REPEAT_CASES, memorise
+from helpers.memorise import REPEAT_CASES, memorised_model
 from helpers.memorise import REPEAT_HEADER as HEADER
 from helpers.memorise import REPEAT_STEP as STEP
 from helpers.memorise import REPEAT_TEXT as TRAIN_TEXT
@@ -33,12 +33,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tiny_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    memorise(model, tok, TRAIN_TEXT, REPEAT_CASES)
-    return model, tok
+    # Until greedy decoding goes on with STEP after the header and after every STEP.
+    return memorised_model(tiny_dir, TRAIN_TEXT, REPEAT_CASES)
 
 
 def prompts() -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
-from helpers.memorise import REPEAT_CASES, memorise
+from helpers.memorise import REPEAT_CASES, memorised_model
 from helpers.memorise import REPEAT_HEADER as HEADER
 from helpers.memorise import REPEAT_STEP as STEP
 from helpers.memorise import REPEAT_TEXT as TRAIN_TEXT
@@ -38,13 +38,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tiny_dir: Path):
     """(model, tokenizer): the tiny model after memorising TRAIN_TEXT."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     # Until greedy decoding goes on with STEP after the header and after every STEP.
-    memorise(model, tok, TRAIN_TEXT, REPEAT_CASES)
-    return model, tok
+    return memorised_model(tiny_dir, TRAIN_TEXT, REPEAT_CASES)
 
 
 # --- tokenizer -----------------------------------------------------------------------------

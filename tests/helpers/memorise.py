@@ -116,6 +116,24 @@ def memorise(
     return steps
 
 
+def memorised_model(
+    path: str | Path,
+    text: str = SOLUTION_TEXT,
+    cases: Sequence[tuple[str, str]] = SOLUTION_CASES,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+):
+    """(model, tokenizer): the HF model directory at `path` loaded on `device` and trained to
+    memorise `text` (`memorise`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    memorise(model, tok, text, cases, seed=seed)
+    return model, tok
+
+
 def memorised_policy(
     out: str | Path,
     text: str = SOLUTION_TEXT,
@@ -127,14 +145,9 @@ def memorised_policy(
 ) -> Path:
     """A tiny policy (`rstar.models.tiny`, preset `size`) that has memorised `text`, trained
     on `device` and saved as an HF directory at `out`; returns its path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from rstar.models.tiny import build_tiny_policy
 
     path = build_tiny_policy(out, size=size, seed=seed)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).to(device)
-    steps_taken = memorise(model, tok, text, cases, seed=seed)
-    print(f"memorised by a {size} policy in {steps_taken} steps", flush=True)
+    model, _ = memorised_model(path, text, cases, device=device, seed=seed)
     model.cpu().save_pretrained(path)
     return Path(path)
