@@ -218,3 +218,72 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, argv, says, inputs, tmp_
     assert says in last, last
     assert time.monotonic() - t0 < 60
     assert not out.exists() and not Path(f"{out}.html").exists() and not Path(f"{out}.jsonl").exists()
+
+
+# --- --resume checks the settings that decide the records ------------------------------------
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [PY, "-m", "rstar.cli", *args], capture_output=True, text=True, env=env, timeout=120, cwd=cwd
+    )
+
+
+def test_generate_resume_with_other_settings_is_refused_with_a_diff(inputs, tmp_path):
+    from rstar.config import load_config
+    from rstar.data.problems import load_problems
+    from rstar.search.jobs import prepare_run
+
+    out = tmp_path / "run"
+    cfg = load_config("round2", overrides=["model.policy=/elsewhere/policy", "search.rollouts=4"])
+    prepare_run(load_problems(inputs / "p.json"), cfg, out, resume=False)
+    before = (out / "run.json").read_text()
+    proc = _cli(
+        ["generate", "--problems", f"{inputs}/p.json", "--out", str(out), "--resume",
+         "--policy", f"{inputs}/model", "--set", "search.rollouts=8"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "model.policy '/elsewhere/policy' -> " in line and "search.rollouts 4 -> 8" in line
+    assert (out / "run.json").read_text() == before  # not rewritten to claim the new settings
+    # the same settings resume (up to loading the model, which this fake directory is not)
+    same = load_config("round2", overrides=["model.policy=/elsewhere/policy", "search.rollouts=4"])
+    prepare_run(load_problems(inputs / "p.json"), same, out, resume=True)
+
+
+def test_eval_resume_with_a_larger_rollout_budget_is_refused(inputs, tmp_path):
+    """The issue's case: --mcts-unit rollouts --trajectories 1,2, then 1,2,8 --resume would
+    report k=8 from trees whose root N is 2."""
+    from rstar.config import load_config
+    from rstar.data.problems import load_problems
+    from rstar.evaluate import EvalRun, run_config
+    from rstar.search.jobs import prepare_run
+
+    out = tmp_path / "eval"
+    cfg = load_config("eval", overrides=[f"model.policy={inputs}/model"])
+    prepare_run(
+        load_problems(inputs / "p.json"),
+        run_config(cfg, EvalRun("mcts", "mcts"), 2, "rollouts"),
+        out / "mcts",
+        False,
+    )
+    proc = _cli(
+        ["eval", "--benchmark", f"{inputs}/p.json", "--policy", f"{inputs}/model", "--mode", "mcts",
+         "--mcts-unit", "rollouts", "--trajectories", "1,2,8", "--out", str(out), "--resume"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "search.rollouts 2 -> 8" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_summary_never_reports_a_budget_its_records_do_not_hold():
+    from rstar.evaluate import budget_held
+
+    def rec(pid, mode, **search):
+        return {"problem": {"id": pid}, "mode": mode, "config": {"search": search}}
+
+    assert budget_held([rec("a", "mcts", rollouts=2), rec("b", "mcts", rollouts=8)], "rollouts") == 2
+    assert budget_held([rec("a", "bon", trajectories=4)]) == 4
+    assert budget_held([rec("a", "mcts"), rec("a", "mcts"), rec("b", "mcts")], "searches") == 1

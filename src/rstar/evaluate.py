@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -265,6 +266,22 @@ def group_by_problem(
     }
 
 
+def budget_held(records: list[dict], unit: str = "searches") -> int:
+    """The largest budget every problem's records afford: the rollouts each MCTS search ran
+    (unit "rollouts"), the samples of best-of-N, else the number of independent searches."""
+    per_problem: dict[str, int] = defaultdict(int)
+    for rec in records:
+        search = (rec.get("config") or {}).get("search") or {}
+        pid = rec["problem"]["id"]
+        if rec.get("mode") == "bon":
+            per_problem[pid] = max(per_problem[pid], int(search.get("trajectories", 0)))
+        elif rec.get("mode") == "mcts" and unit == "rollouts":
+            per_problem[pid] = max(per_problem[pid], int(search.get("rollouts", 0)))
+        else:
+            per_problem[pid] += 1
+    return min(per_problem.values(), default=0)
+
+
 # --- running -----------------------------------------------------------------------------------
 
 
@@ -288,6 +305,12 @@ def eval_search_config(search: SearchConfig, mode: str, k_max: int, mcts_unit: s
         if mcts_unit == "rollouts":
             search = dataclasses.replace(search, rollouts=k_max, trajectories=1)
     return search
+
+
+def run_config(cfg: Config, run: EvalRun, k_max: int, mcts_unit: str) -> Config:
+    """The config of one evaluation setting's searches."""
+    search = eval_search_config(cfg.search, run.mode, k_max, mcts_unit)
+    return dataclasses.replace(cfg, search=search, model=dataclasses.replace(cfg.model, ppm=run.reward))
 
 
 @writes_to("out_dir")
@@ -323,6 +346,12 @@ def run_eval(
     k_max = max(budgets)
     if ray is not None and policy is not None:
         raise RstarError("run_eval: with ray, the actors load the policy from cfg.model; do not pass policy")
+    if resume:  # before any model loads: a directory of other settings is refused at once
+        from rstar.search.jobs import check_resume
+
+        for run in runs:
+            if (out / run.name).is_dir():
+                check_resume(out / run.name, run_config(cfg, run, k_max, mcts_unit))
     if ray is None:
         policy = policy if policy is not None else load_policy(cfg.model)
     session = contextlib.nullcontext()
@@ -342,9 +371,8 @@ def run_eval(
             return cache[(a, b)]
 
         for run in runs:
-            search = eval_search_config(cfg.search, run.mode, k_max, mcts_unit)
-            model = dataclasses.replace(cfg.model, ppm=run.reward)
-            rcfg = dataclasses.replace(cfg, search=search, model=model)
+            rcfg = run_config(cfg, run, k_max, mcts_unit)
+            model = rcfg.model
             if ray is not None:
                 generate(
                     problems,
@@ -367,8 +395,17 @@ def run_eval(
                         show_progress=show_progress,
                         description=f"eval {run.name}",
                     )
-            per_problem = group_by_problem(iter_records(out / run.name / "trees.jsonl"), mcts_unit)
+            records = list(iter_records(out / run.name / "trees.jsonl"))
+            per_problem = group_by_problem(records, mcts_unit)
             run_budgets = [1] if run.mode == "greedy" else budgets
+            held = budget_held(records, mcts_unit)
+            if any(k > held for k in run_budgets):
+                print(
+                    f"eval {run.name}: its records hold a budget of {held} trajectories per problem; "
+                    f"budgets above it are not reported",
+                    file=sys.stderr,
+                )
+                run_budgets = [k for k in run_budgets if k <= held]
             summary["runs"][run.name] = {
                 "mode": run.mode,
                 "reward": run.reward,

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rstar import RstarError
 from rstar.config import Config
 from rstar.search.expand import derive_seed, needs_reward
 from rstar.search.scheduler import Backends, Job
 from rstar.search.tree import Tree
-from rstar.search.treefile import open_for_resume, versions
+from rstar.search.treefile import iter_records, open_for_resume, versions
 
 
 def searches_per_problem(cfg: Config) -> int:
@@ -78,6 +80,66 @@ def record(job: Job, tree: Tree, info: dict, cfg: Config, vers: dict) -> dict:
     }
 
 
+# The settings that decide what a run's records hold: a resumed run must keep them.
+DECIDING = ("model.policy", "model.ppm", "model.backend", "search", "sandbox.output_style")
+
+
+def _model_ref(value: Any) -> Any:
+    """A model named by a path compares by its real path (./m and m are one model)."""
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
+def deciding_settings(config: dict) -> dict[str, Any]:
+    """{"section.field": value} of the settings in DECIDING, from a config dict."""
+    out: dict[str, Any] = {}
+    for key in DECIDING:
+        section, _, name = key.partition(".")
+        values = config.get(section) or {}
+        if name:
+            out[key] = _model_ref(values.get(name)) if section == "model" else values.get(name)
+        else:
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+    return out
+
+
+def _recorded_config(out: Path) -> dict | None:
+    """The config a run directory was written with: its run.json, else its first record's."""
+    run_json = out / "run.json"
+    if run_json.is_file():
+        try:
+            return json.loads(run_json.read_text())["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RstarError(f"{run_json}: not a run description ({e}); cannot check --resume") from e
+    trees = out / "trees.jsonl"
+    if trees.is_file():
+        for rec in iter_records(trees, strict=False):
+            return rec.get("config")
+    return None
+
+
+def check_resume(out: Path, cfg: Config) -> None:
+    """Refuse to resume a run directory written with other deciding settings (one-line diff).
+    More independent searches per problem (`search.trajectories` of mcts, beam or greedy runs)
+    only add records, so that change is allowed: the records already there stay valid."""
+    old_cfg = _recorded_config(out)
+    if old_cfg is None:
+        return
+    old, new = deciding_settings(old_cfg), deciding_settings(cfg.to_dict())
+    extendable = old.get("search.mode") == new.get("search.mode") != "bon"
+    diff = [
+        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not (k == "search.trajectories" and extendable)
+    ]
+    if diff:
+        raise RstarError(
+            f"--resume: {out} was written with other settings ({'; '.join(diff)}): resume with the same "
+            "settings, or pass another --out"
+        )
+
+
 def prepare_run(
     problems: list, cfg: Config, out_dir: str | Path, resume: bool, extra: dict | None = None
 ) -> tuple[Path, list[Job], dict]:
@@ -90,6 +152,8 @@ def prepare_run(
             f"{trees_path} already holds trees: pass --resume to continue that run, or another --out"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        check_resume(out, cfg)
     done = open_for_resume(trees_path)
     jobs = make_jobs(problems, cfg, skip=done)
     vers = versions()
