@@ -9,6 +9,9 @@ Two program sets: "light" (plain arithmetic, math, fractions, itertools) and "mi
 ones plus sympy and numpy programs, about as often as in the authors' released examples). A fresh interpreter pays for importing sympy on every program; the pool imported
 it once. The last line is the mixed set's ratio, the workload the search runs.
 
+The pool runs twice, with the syscall filter (`sandbox.seccomp`, the default) and without, in
+alternating slices of the same run, so `seccomp_on/off` is the filter's cost side by side.
+
     python bench/sandbox.py [--seconds 5] [--workers 2]
 """
 
@@ -70,6 +73,23 @@ def rate_sandbox(pool: SandboxPool, codes: list[str], seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
+def rate_sandbox_pair(
+    on: SandboxPool, off: SandboxPool, codes: list[str], seconds: float
+) -> tuple[float, float]:
+    """(rate with the filter, rate without), measured in alternating slices."""
+    slices = 4
+    done = {"on": 0, "off": 0}
+    spent = {"on": 0.0, "off": 0.0}
+    for _ in range(slices):
+        for name, pool in (("on", on), ("off", off)):
+            t0 = time.perf_counter()
+            rate = rate_sandbox(pool, codes, seconds / slices)
+            dt = time.perf_counter() - t0
+            done[name] += rate * dt
+            spent[name] += dt
+    return done["on"] / spent["on"], done["off"] / spent["off"]
+
+
 def rate_exec(codes: list[str], seconds: float) -> float:
     compiled = [compile(c, "<string>", "exec") for c in codes]
     done, t0 = 0, time.perf_counter()
@@ -88,25 +108,29 @@ def main() -> None:
     args = ap.parse_args()
 
     pool = SandboxPool(SandboxConfig(workers=args.workers))
-    pool.run_many(MIXED * 2)  # start and warm every worker before timing
+    unfiltered = SandboxPool(SandboxConfig(workers=args.workers, seccomp=False))
+    for p in (pool, unfiltered):
+        p.run_many(MIXED * 2)  # start and warm every worker before timing
     ratios = {}
     try:
         for name, codes in (("light", LIGHT), ("mixed", MIXED)):
-            # Interleaved, so a change in machine load hits all three alike.
+            # Interleaved, so a change in machine load hits all of them alike.
             process = rate_python_c(codes, args.seconds, args.workers)
-            sandbox = rate_sandbox(pool, codes, args.seconds)
+            sandbox, sandbox_off = rate_sandbox_pair(pool, unfiltered, codes, 2 * args.seconds)
             inproc = rate_exec(codes, args.seconds)
             ratios[name] = sandbox / process
             print(
                 f"{name} ({len(codes)} programs): python -c per snippet {process:.1f}/s, "
-                f"sandbox {sandbox:.1f}/s, in-process exec {inproc:.1f}/s"
+                f"sandbox {sandbox:.1f}/s (seccomp off: {sandbox_off:.1f}/s), in-process exec {inproc:.1f}/s"
             )
             print(
-                f"{name}: sandbox/python-c = {sandbox / process:.1f}x, "
+                f"{name}: sandbox/python-c = {sandbox / process:.1f}x "
+                f"(seccomp off: {sandbox_off / process:.1f}x), seccomp_on/off = {sandbox / sandbox_off:.3f}, "
                 f"in-process exec/sandbox = {inproc / sandbox:.1f}x"
             )
     finally:
         pool.close()
+        unfiltered.close()
     print(f"light_sandbox_vs_process_per_snippet={ratios['light']:.1f}")
     print(f"sandbox_vs_process_per_snippet={ratios['mixed']:.1f}")
 

@@ -275,7 +275,8 @@ def test_network_is_unreachable(pool):
     if not pool.isolation["network_isolated"]:
         pytest.skip("this platform gives the sandbox no network namespace (see docs/sandbox.md)")
     r = pool.run("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=5)")
-    assert not r.ok and r.error_type in ("OSError", "TimeoutError", "gaierror"), r
+    # (PermissionError: the syscall filter denies the socket before the empty namespace is reached)
+    assert not r.ok and r.error_type in ("OSError", "TimeoutError", "gaierror", "PermissionError"), r
     assert r.duration_s < 5
     r = pool.run("import socket\nprint(socket.getaddrinfo('pypi.org', 443))")
     assert not r.ok, r
@@ -428,3 +429,146 @@ def test_run_code_and_cli(tmp_path: Path, capsys):
     assert cli.main(["exec", str(bad), "--memory-mb", "256"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "so far\n" and "ValueError: nope" in captured.err
+
+
+# --- the syscall filter (sandbox.seccomp) -----------------------------------------------------
+
+
+def _syscall_program(name: str, args: str) -> str:
+    """A program that makes syscall `name` with `args` (Python source) and prints `ret errno`."""
+    import pyseccomp
+
+    nr = pyseccomp.resolve_syscall(pyseccomp.system_arch(), name)
+    return (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.syscall.restype = ctypes.c_long\n"
+        "buf = ctypes.create_string_buffer(4096)\n"
+        "s = ctypes.c_char_p\n"
+        f"r = libc.syscall({nr}, {args})\n"
+        "print(r, ctypes.get_errno())\n"
+    )
+
+
+EPERM, ENOSYS = "1", "38"
+# (syscall, arguments): each denied with EPERM by the filter whatever the arguments
+DENIED_CALLS = [
+    ("socket", "2, 1, 0"),  # AF_INET
+    ("socket", "10, 1, 0"),  # AF_INET6
+    ("socket", "1, 1, 0"),  # AF_UNIX: host services behind socket files
+    ("socket", "16, 3, 0"),  # AF_NETLINK
+    ("socket", "17, 3, 0"),  # AF_PACKET
+    ("socketpair", "1, 1, 0, buf"),
+    ("unshare", "0x10000000"),  # CLONE_NEWUSER
+    ("unshare", "0x40000000 | 0x00020000"),  # CLONE_NEWNET | CLONE_NEWNS
+    ("setns", "-1, 0"),
+    ("clone", "0x10000000 | 17, 0, 0, 0, 0"),  # CLONE_NEWUSER | SIGCHLD
+    ("clone", "0x20000000 | 17, 0, 0, 0, 0"),  # CLONE_NEWPID | SIGCHLD
+    ("ptrace", "0, 0, 0, 0"),  # PTRACE_TRACEME
+    ("process_vm_readv", "1, buf, 1, buf, 1, 0"),
+    ("mount", "s(b'none'), s(b'/tmp'), s(b'tmpfs'), 0, 0"),
+    ("umount2", "s(b'/tmp'), 0"),
+    ("pivot_root", "s(b'.'), s(b'.')"),
+    ("chroot", "s(b'/')"),
+    ("open_tree", "-100, s(b'/'), 0"),
+    ("fsopen", "s(b'tmpfs'), 0"),
+    ("bpf", "0, buf, 64"),
+    ("keyctl", "0, -3, 0"),
+    ("add_key", "s(b'user'), s(b'k'), s(b'v'), 1, -3"),
+    ("request_key", "s(b'user'), s(b'k'), 0, 0"),
+    ("perf_event_open", "buf, 0, -1, -1, 0"),
+    ("kexec_load", "0, 0, 0, 0"),
+    ("kexec_file_load", "-1, -1, 0, 0, 0"),
+    ("init_module", "buf, 0, s(b'')"),
+    ("finit_module", "-1, s(b''), 0"),
+    ("delete_module", "s(b'x'), 0"),
+    ("userfaultfd", "0"),
+    ("io_uring_setup", "1, buf"),
+]
+
+
+@pytest.mark.parametrize("name,args", DENIED_CALLS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(DENIED_CALLS)])
+def test_syscall_filter_denies_with_eperm(pool, name, args):
+    assert pool.isolation["seccomp"].startswith("on"), pool.isolation
+    r = pool.run(_syscall_program(name, args))
+    assert r.ok and r.stdout.split() == ["-1", EPERM], (name, r)
+
+
+def test_clone3_is_unavailable_so_glibc_uses_clone(pool):
+    r = pool.run(_syscall_program("clone3", "buf, 88"))
+    assert r.ok and r.stdout.split() == ["-1", ENOSYS], r
+
+
+def test_denied_calls_are_python_errors(pool):
+    r = pool.run("import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('/run/x.sock')")
+    assert not r.ok and r.error_type == "PermissionError", r
+    r = pool.run("import socket\nsocket.socketpair()")
+    assert not r.ok and r.error_type == "PermissionError", r
+    assert_serving(pool)
+
+
+def test_host_unix_socket_is_unreachable(pool):
+    """Issue 21's escape: a world-writable socket file of a host service."""
+    import socket
+
+    directory = Path("/run") / f"rstar-test-{uuid.uuid4().hex[:8]}"
+    directory.mkdir(mode=0o755)
+    path = directory / "s.sock"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(path))
+        os.chmod(path, 0o777)
+        server.listen(1)
+        server.settimeout(0.1)
+        code = (
+            f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(path)!r})\nprint(s.recv(10))"
+        )
+        r = pool.run(code)
+        assert not r.ok and r.error_type in ("PermissionError", "FileNotFoundError"), r
+        with pytest.raises(TimeoutError):
+            server.accept()
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+        directory.rmdir()
+
+
+def test_math_programs_run_under_the_filter(pool):
+    code = (
+        "import numpy as np, sympy as sp, threading, os\n"
+        "from fractions import Fraction\n"
+        "x = sp.symbols('x')\n"
+        "print(sp.solve(x**2 - 4, x), np.linalg.det(np.eye(3)), Fraction(1, 3) + Fraction(1, 6))\n"
+        "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n    os._exit(3)\n"
+        "print('child', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+    )
+    r = pool.run(code)
+    assert r.ok and r.stdout == "[-2, 2] 1.0 1/2\nthread\nchild 3\n", r
+
+
+def test_ptrace_traceme_then_crash_is_a_crash():
+    """Issue 21 (9): with PTRACE_TRACEME the crash stopped the program (its tracer, the worker,
+    never looked) and it ran into the wall limit; denied, the crash is a crash."""
+    code = (
+        "import ctypes, os, signal\n"
+        "ctypes.CDLL(None).ptrace(0, 0, 0, 0)\n"
+        "os.kill(os.getpid(), signal.SIGSEGV)\n"
+    )
+    with SandboxPool(SandboxConfig(timeout_s=3, light_workers=True, workers=1)) as p:
+        r = p.run(code)
+    assert not r.ok and r.error_type == "Crash" and "SIGSEGV" in r.error_message, r
+
+
+def test_without_the_filter_these_calls_go_through():
+    """What the filter stops is open without it (so the tests above test the filter)."""
+    with SandboxPool(SandboxConfig(timeout_s=TIMEOUT_S, seccomp=False, workers=1)) as p:
+        assert p.isolation["seccomp"] == "off"
+        for name, args in [
+            ("socketpair", "1, 1, 0, buf"),
+            ("unshare", "0x10000000"),
+            ("ptrace", "0, 0, 0, 0"),
+        ]:
+            r = p.run(_syscall_program(name, args))
+            assert r.ok and r.stdout.split()[0] == "0", (name, r)

@@ -204,6 +204,10 @@ class SandboxWorker:
             + (list(self.cfg.heavy_preload) if self.kind == "heavy" else []),
             **{k: v for k, v in self.cfg.__dict__.items() if k not in ("preload", "heavy_preload")},
         }
+        if self.cfg.seccomp:
+            from rstar.sandbox.syscalls import bpf_for_workers
+
+            spec["seccomp_bpf"] = bpf_for_workers()
         self.proc = subprocess.Popen(
             [*worker_command("rstar.sandbox.worker"), json.dumps(spec)],
             stdin=subprocess.PIPE,

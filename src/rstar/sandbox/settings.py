@@ -67,6 +67,11 @@ class SandboxConfig:
     )
     preload: list[str] = _f(LIGHT_PRELOAD, "modules every worker imports before forking programs")
     heavy_preload: list[str] = _f(HEAVY_PRELOAD, "modules heavy workers import as well")
+    seccomp: bool = _f(
+        True,
+        "a syscall filter on model code: no sockets, namespaces, ptrace, mounts, bpf, keyrings, perf, kexec "
+        "or module loading (EPERM); needs libseccomp (docs/sandbox.md)",
+    )
     tmpfs_mb: int = _f(64, "size of the private /tmp (namespace isolation only)")
     authors_max_chars: int = _f(
         AUTHORS_MAX_CHARS, "output cut of the 'authors' style (their `truncate_string`)"
