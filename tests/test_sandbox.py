@@ -572,3 +572,49 @@ def test_without_the_filter_these_calls_go_through():
         ]:
             r = p.run(_syscall_program(name, args))
             assert r.ok and r.stdout.split()[0] == "0", (name, r)
+
+
+# --- the minimal file system (one test per row of docs/sandbox.md's table) --------------------
+
+
+def test_reads_see_only_the_python_installation(pool):
+    if pool.isolation["mode"] != "namespaces":
+        pytest.skip("the minimal file system needs the namespace sandbox (root)")
+    assert pool.isolation["filesystem"].startswith("minimal"), pool.isolation
+    repo = Path(__file__).resolve().parents[1]
+    hidden = [
+        str(repo / "src"), str(repo / ".git"), str(repo / "tests"), str(Path(__file__).resolve()),
+        "/home", "/sys/class/net", "/etc/passwd", "/etc/hostname", "/run", "/var/log", "/root/.bashrc",
+        "/proc/1/root/etc/passwd",
+    ]  # fmt: skip
+    code = f"import os\nfor p in {hidden!r}:\n    print(p, os.path.exists(p))"
+    r = pool.run(code)
+    assert r.ok, r
+    seen = [line for line in r.stdout.splitlines() if line.endswith("True")]
+    assert seen == [], seen
+    # the host's processes are not in its /proc
+    r = pool.run("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+    assert r.ok and len(eval(r.stdout)) <= 3, r
+    # what programs need is there, read-only
+    import sys
+
+    r = pool.run(
+        "import sys, os, sqlite3, ctypes, json\n"
+        "print(os.path.isdir(sys.prefix), os.path.exists(os.path.realpath(sys.executable)))\n"
+        f"open({str(Path(sys.prefix) / 'escaped.txt')!r}, 'w')"
+    )
+    assert not r.ok and r.stdout == "True True\n" and r.error_type in ("OSError", "PermissionError"), r
+    assert_serving(pool)
+
+
+def test_system_v_ipc_is_private(pool):
+    import ctypes
+
+    key = 0x52535400 + (os.getpid() & 0xFF)
+    r = pool.run(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        f"print(libc.shmget({key}, 4096, 0o1000 | 0o666) >= 0)"  # IPC_CREAT
+    )
+    assert r.ok and r.stdout == "True\n", r
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.shmget(key, 0, 0) == -1  # the host sees no such segment

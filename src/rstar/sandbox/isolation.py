@@ -26,6 +26,7 @@ FALLBACK_PRELOAD: tuple[str, ...] = (
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
@@ -59,14 +60,137 @@ def import_all_encodings() -> None:
 
 
 def enter_root_namespaces(spec: dict, report: dict) -> bool:
-    """New PID, network, mount and IPC namespaces; a read-only view of the host with a private
-    tmpfs on /tmp, /var/tmp and /dev/shm. Forks: the caller continues as PID 1 of the new PID
-    namespace, while the original process only waits for it (and passes on its exit status)."""
+    """New PID, network, mount and IPC namespaces, and a minimal file system: a fresh root that
+    holds only the Python installation (read-only) and a private tmpfs on /tmp, /var/tmp and
+    /dev/shm (`_enter_minimal_root`); where that cannot be built, a read-only view of the host
+    (`_read_only_host`). Forks: the caller continues as PID 1 of the new PID namespace, while the
+    original process only waits for it (and passes on its exit status)."""
     flags = CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC
     if libc.unshare(flags) != 0:
         report["namespace_error"] = os.strerror(ctypes.get_errno())
         return False
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
+    try:
+        _enter_minimal_root(spec, report)
+    except OSError as e:
+        report["minimal_root_error"] = str(e)
+        with contextlib.suppress(OSError):
+            _check_libc(libc.umount2(STAGING.encode(), MNT_DETACH), "umount staging")
+        _read_only_host(spec, report)
+    pid = os.fork()
+    if pid:  # the original process: wait for PID 1 and exit with it
+        os.closerange(3, 1 << 16)
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    with contextlib.suppress(OSError):  # a /proc that shows only this namespace's processes
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    report["network_isolated"] = True
+    return True
+
+
+# Where the new root is assembled (a mount point of this namespace only, hidden by the pivot).
+STAGING = "/tmp"
+MNT_DETACH = 2
+# Top-level entries of / that are the system's programs and libraries (merged-/usr systems have
+# symlinks for all but /usr); the Python installation needs them (libc, libffi, ... for modules
+# imported later), and they hold no user data.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Files of /etc the dynamic loader and the time functions read (not /etc/passwd and the rest).
+ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
+
+
+def _source_tree() -> str | None:
+    """The directory rstar is imported from when it is a source checkout (an editable install),
+    not an installed package: programs have no use for it."""
+    root = Path(__file__).resolve().parents[2]
+    return None if root.name in ("site-packages", "dist-packages") else str(root)
+
+
+def minimal_root_exposures() -> tuple[list[str], list[str]]:
+    """(directories, files) of the host that the minimal root shows, read-only: the system
+    directories, the interpreter's prefixes and import path (without rstar's own source tree),
+    a few files of /etc and the harmless devices."""
+    skip = _source_tree()
+    dirs = [p for p in SYSTEM_DIRS if os.path.isdir(p) and not os.path.islink(p)]
+    dirs += [p for p in _interpreter_dirs() if p != skip]
+    files = [p for p in (*ETC_FILES, *DEVICES) if os.path.exists(p)]
+    return _topmost(dirs), files
+
+
+def _enter_minimal_root(spec: dict, report: dict) -> None:
+    """Assemble a new root on a tmpfs and pivot into it; the host's tree is then unmounted."""
+    dirs, files = minimal_root_exposures()
+    links = {p: os.readlink(p) for p in (*SYSTEM_DIRS, *ETC_FILES) if os.path.islink(p)}
+    fds = {p: os.open(p, os.O_PATH) for p in [*dirs, *files]}  # before the staging tmpfs hides /tmp
+    root = STAGING
+    try:
+        _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
+        size = f"size={spec['tmpfs_mb']}m,nr_inodes=8192,mode=1777"
+        os.makedirs(f"{root}/tmp", mode=0o755)
+        _mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, size)
+        os.makedirs(f"{root}/dev", mode=0o755)
+        _mount("tmpfs", f"{root}/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=64,mode=755")
+        for path in ("proc", "var/tmp", "dev/shm", "etc", ".old"):
+            os.makedirs(f"{root}/{path}", mode=0o755, exist_ok=True)
+        for name, target in (
+            ("fd", "/proc/self/fd"),
+            ("stdin", "fd/0"),
+            ("stdout", "fd/1"),
+            ("stderr", "fd/2"),
+        ):
+            os.symlink(target, f"{root}/dev/{name}")
+        for path, target in links.items():
+            os.makedirs(os.path.dirname(f"{root}{path}"), mode=0o755, exist_ok=True)
+            os.symlink(target, f"{root}{path}")
+        for path in sorted([*dirs, *files]):  # parents before children
+            target = f"{root}{path}"
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            if path in files:
+                if not os.path.lexists(target):
+                    os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+            else:
+                os.makedirs(target, mode=0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fds[path]}", target, None, MS_BIND | MS_REC)
+            keep = MS_NOSUID | (0 if path.startswith("/dev/") else MS_NODEV)
+            _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    # Scratch directories for /var/tmp and /dev/shm live in the private /tmp (one size limit).
+    for path, host in (("/var/tmp", "/tmp/.vartmp"), ("/dev/shm", "/tmp/.shm")):
+        os.makedirs(f"{root}{host}", exist_ok=True)
+        os.chmod(f"{root}{host}", 0o1777)
+        _mount(f"{root}{host}", f"{root}{path}", None, MS_BIND)
+    PRESERVED[:] = [p for p in dirs if p == "/tmp" or p.startswith("/tmp/")]
+    _pivot(root)
+    _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    report["filesystem"] = (
+        f"minimal: a fresh root with only {', '.join(dirs)} and {', '.join(files)} (read-only); private "
+        f"tmpfs on /tmp, /var/tmp, /dev/shm ({spec['tmpfs_mb']} MB), emptied after each program"
+    )
+
+
+def _pivot(root: str) -> None:
+    """Make `root` the root of this mount namespace and detach the old one."""
+    nr = _PIVOT_ROOT.get(os.uname().machine)
+    os.chdir(root)
+    if nr is None:  # (no syscall number known: move the mount and chroot instead)
+        _mount(root, "/", None, 1 << 13)  # MS_MOVE
+        os.chroot(".")
+    else:
+        _check_libc(libc.syscall(nr, root.encode(), f"{root}/.old".encode()), "pivot_root")
+        os.chdir("/")
+        _check_libc(libc.umount2(b"/.old", MNT_DETACH), "umount the old root")
+        os.rmdir("/.old")
+    os.chdir("/")
+
+
+def _read_only_host(spec: dict, report: dict) -> None:
+    """The fallback view: the host file system read-only, a private tmpfs on /tmp, /var/tmp and
+    /dev/shm, and directories others cannot enter (/root) covered but for the interpreter."""
     exposures = interpreter_exposures()
     sources = {path: os.open(path, os.O_PATH) for paths in exposures.values() for path in paths}
     not_ro = []
@@ -118,22 +242,12 @@ def enter_root_namespaces(spec: dict, report: dict) -> bool:
         with contextlib.suppress(OSError):
             _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         os.close(fd)
-    pid = os.fork()
-    if pid:  # the original process: wait for PID 1 and exit with it
-        os.closerange(3, 1 << 16)
-        _, status = os.waitpid(pid, 0)
-        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    with contextlib.suppress(OSError):  # a /proc that shows only this namespace's processes
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    report["network_isolated"] = True
     report["filesystem"] = (
         "host file system read-only; private tmpfs on /tmp, /var/tmp, /dev/shm "
         f"({spec['tmpfs_mb']} MB), emptied after each program"
     )
     if not_ro:
         report["filesystem"] += f"; could not make read-only: {', '.join(not_ro)}"
-    return True
 
 
 # Interpreter directories bound back into the private /tmp (set in the worker's namespace).
