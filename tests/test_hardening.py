@@ -287,3 +287,45 @@ def test_summary_never_reports_a_budget_its_records_do_not_hold():
     assert budget_held([rec("a", "mcts", rollouts=2), rec("b", "mcts", rollouts=8)], "rollouts") == 2
     assert budget_held([rec("a", "bon", trajectories=4)]) == 4
     assert budget_held([rec("a", "mcts"), rec("a", "mcts"), rec("b", "mcts")], "searches") == 1
+
+
+# --- a resumed stage's time counts every attempt -----------------------------------------------
+
+
+def test_report_stage_time_adds_the_killed_attempt(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    code = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from rstar.config import load_config
+        from rstar.evolve import RunState
+
+        def stage():
+            time.sleep(1.5)
+            Path({str(run / "partial.txt")!r}).write_text("x")  # what the stage had done by the kill
+            print("wrote", flush=True)
+            time.sleep(600)
+
+        RunState(Path({str(run)!r}), load_config("embedded")).run("round1/generate", stage)
+        """
+    )
+    proc = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "wrote"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    from rstar.config import load_config
+    from rstar.evolve import RunState
+    from rstar.report import collect, markdown
+
+    state = RunState(run, load_config("embedded"))
+    state.run("round1/generate", lambda: {"done": 1})
+    entry = state.data["stages"]["round1/generate"]
+    assert entry["resumed"] and entry["seconds"] >= 1.5 and entry["earlier_attempts_s"] >= 1.5, entry
+    assert "running" not in json.loads((run / "state.json").read_text())
+    data = collect(state.data)
+    assert data["resumed"] == ["round1/generate"]
+    assert "| round1/generate (resumed: all attempts) |" in markdown(data, total_s=1.0)

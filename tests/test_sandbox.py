@@ -618,3 +618,11 @@ def test_system_v_ipc_is_private(pool):
     assert r.ok and r.stdout == "True\n", r
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.shmget(key, 0, 0) == -1  # the host sees no such segment
+
+
+def test_recursion_past_a_raised_limit_is_a_recursion_error():
+    """Issue 21 (9): it read `SystemError: error return without exception set`."""
+    code = "import sys\nsys.setrecursionlimit(10**9)\ndef f(n):\n    return f(n + 1) + 1\nf(0)"
+    with SandboxPool(SandboxConfig(timeout_s=20, memory_mb=64, workers=1)) as p:
+        r = p.run(code)
+    assert not r.ok and r.error_type == "RecursionError" and "memory limit of 64 MB" in r.error_message, r

@@ -28,8 +28,10 @@ so a killed run continues at the stage and problem where it stopped. Artifacts:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -95,13 +97,34 @@ class RunState:
             log(f"{name}: done earlier, skipped")
             return self.data["stages"][name].get("result")
         log(f"{name} ...")
+        earlier = self._earlier_attempts(name)
+        self.data["running"] = {"stage": name, "started": time.time(), "earlier_s": earlier}
+        self._save()
         t0 = time.perf_counter()
         result = fn(*args)
-        seconds = time.perf_counter() - t0
-        self.data["stages"][name] = {"seconds": round(seconds, 2), "result": result}
+        seconds = time.perf_counter() - t0 + earlier
+        entry = {"seconds": round(seconds, 2), "result": result}
+        if earlier:  # the report adds up every attempt and says the stage was resumed
+            entry.update(resumed=True, earlier_attempts_s=round(earlier, 2))
+        self.data["stages"][name] = entry
+        self.data.pop("running", None)
         self._save()
-        log(f"{name}: {seconds:.1f} s")
+        log(f"{name}: {seconds:.1f} s" + (f" (with {earlier:.1f} s of earlier attempts)" if earlier else ""))
         return result
+
+    def _earlier_attempts(self, name: str) -> float:
+        """Seconds that stopped attempts at stage `name` spent: from their start to the last
+        file they wrote in the run directory (a kill leaves no end time)."""
+        running = self.data.get("running")
+        if not isinstance(running, dict) or running.get("stage") != name:
+            return 0.0
+        last = float(running.get("started", 0.0))
+        for root, _dirs, names in os.walk(self.path.parent):
+            for n in names:
+                if n not in ("state.json", "state.tmp", ".rstar.lock"):
+                    with contextlib.suppress(OSError):
+                        last = max(last, os.path.getmtime(os.path.join(root, n)))
+        return max(0.0, last - float(running.get("started", last))) + float(running.get("earlier_s", 0.0))
 
     def seconds(self, prefix: str) -> float:
         return sum(v["seconds"] for k, v in self.data["stages"].items() if k.startswith(prefix))

@@ -58,6 +58,7 @@ def collect(state: dict) -> dict:
     rounds = sorted({int(k.split("/")[0][5:]) for k in stages if k.startswith("round")})
     levels: set[str] = set()
     out: dict = {"rounds": [], "times": {k: v["seconds"] for k, v in stages.items()}}
+    out["resumed"] = [k for k, v in stages.items() if v.get("resumed")]
     for name in ("eval_base", "eval_compare"):
         if name in stages:
             out[name] = {"all": _acc(stages[name]["result"], GREEDY)}
@@ -159,7 +160,8 @@ def markdown(data: dict, total_s: float) -> str:
         )
     lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "| --- | --- |"]
     for k, v in data["times"].items():
-        lines.append(f"| {k} | {v:.1f} |")
+        resumed = " (resumed: all attempts)" if k in data.get("resumed", ()) else ""
+        lines.append(f"| {k}{resumed} | {v:.1f} |")
     lines += ["", f"Total wall time of this invocation: {total_s:.0f} s.", ""]
     return "\n".join(lines)
 

@@ -66,6 +66,7 @@ np.linspace(0, 1, 5); np.sqrt(a); np.array([1.5]).round(2); str(a); np.random.de
     "fractions": "from fractions import Fraction\nstr(Fraction(1, 3) + Fraction(1, 6))",
     "statistics": "import statistics\nstatistics.mean([1, 2, 3]); statistics.median([1, 2, 3])",
 }
+_FRAME_ALLOCATION_FAILED = ("SystemError", "error return without exception set")
 _TRUNCATION_MARKER = "\n[... output truncated: more than {} bytes]"
 
 
@@ -351,6 +352,14 @@ def _run_one(st: _WorkerState, code: str) -> dict:
         res.update(ok=verdict["ok"], error_type=verdict["error_type"], error_message=verdict["error_message"])
         if verdict["error_type"] == "MemoryError" and not verdict["error_message"]:
             res["error_message"] = f"the program exceeded its memory limit of {spec['memory_mb']} MB"
+        elif (verdict["error_type"], verdict["error_message"]) == _FRAME_ALLOCATION_FAILED:
+            # CPython 3.11 says this when a Python frame cannot be allocated: recursion that a
+            # raised recursion limit let run into the memory limit.
+            res.update(
+                error_type="RecursionError",
+                error_message="maximum recursion depth exceeded (the recursion ran out of the memory "
+                f"limit of {spec['memory_mb']} MB)",
+            )
     elif status is not None and os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         res.update(error_type="Crash", error_message=f"the program was killed by signal {_signame(sig)}")
