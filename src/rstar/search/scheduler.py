@@ -75,6 +75,14 @@ class Stats:
     model_calls: int = 0
     model_s: float = 0.0  # inside policy.generate and reward.score
     sequences: int = 0  # completions generated
+    # Where the loop blocks outside the models: waiting for sandbox results (programs) and for
+    # grading results, with no model call to make meanwhile or before making one (EXEC_WAIT_S).
+    sandbox_wait_s: float = 0.0
+    grading_wait_s: float = 0.0
+    # Batch fullness: per model call, the searches whose request it carries, against the
+    # searches in flight then (a search not in the call is waiting on its sandbox or grader).
+    call_searches: int = 0
+    call_inflight: int = 0
 
     @property
     def wall_s(self) -> float:
@@ -93,7 +101,19 @@ class Stats:
             "wall_s": round(wall, 3),
             "nodes_per_s": round(self.nodes / wall, 2) if wall else 0.0,
             "tokens_per_s": round(self.tokens / wall, 1) if wall else 0.0,
+            "sandbox_wait_s": round(self.sandbox_wait_s, 3),
+            "grading_wait_s": round(self.grading_wait_s, 3),
+            "batch_fullness": round(self.call_searches / self.call_inflight, 3)
+            if self.call_inflight
+            else 0.0,
         }
+
+    def add_wait(self, seconds: float, active: list[_Active]) -> None:
+        """Charge a blocking wait to the sandbox if any program is outstanding, else to grading."""
+        if any(a.waiting and a.kind == "exec" for a in active):
+            self.sandbox_wait_s += seconds
+        else:
+            self.grading_wait_s += seconds
 
 
 @dataclass
@@ -179,8 +199,10 @@ def run_jobs(
 
     def collect_futures(timeout: float) -> None:
         waiting = [f for a in active for f in a.waiting]
-        if waiting and timeout > 0:
+        if waiting and timeout > 0 and not all(f.done() for f in waiting):
+            t0 = time.perf_counter()
             cf.wait(waiting, timeout=timeout, return_when=cf.ALL_COMPLETED)
+            stats.add_wait(time.perf_counter() - t0, active)
         for act in list(active):
             if act.waiting and all(f.done() for f in act.waiting):
                 futures, act.waiting = act.waiting, []
@@ -215,12 +237,17 @@ def run_jobs(
             collect_futures(EXEC_WAIT_S if (to_generate or to_score) else 0.0)
             if ready:
                 continue
+            if to_generate or to_score:
+                stats.call_searches += len(to_generate) if to_generate else len(to_score)
+                stats.call_inflight += len(active)
             if to_generate:
                 _generate(backends.policy, to_generate, ready, stats)
             elif to_score:
                 _score(backends.reward, to_score, ready, stats)
             elif any(a.waiting for a in active):
+                t0 = time.perf_counter()
                 cf.wait([f for a in active for f in a.waiting], timeout=1.0, return_when=cf.FIRST_COMPLETED)
+                stats.add_wait(time.perf_counter() - t0, active)
                 collect_futures(0.0)
     finally:
         grade_pool.shutdown(wait=False, cancel_futures=True)
