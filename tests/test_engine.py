@@ -159,3 +159,90 @@ def test_prefix_cache_longest_prefix_and_lru() -> None:
     cache.insert(list(range(200, 240)), kv(40), kv(40))  # over the bound: the oldest goes
     assert tuple(a) not in cache.entries and cache.nbytes <= cache.max_bytes
     assert cache.lookup(a + [1], limit=41) == (None, 0)
+
+
+# --- searches ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    from rstar.sandbox import SandboxConfig, SandboxPool
+
+    with SandboxPool(SandboxConfig(workers=2, timeout_s=5)) as pool:
+        yield pool
+
+
+def run_search(cfg, backends, probs) -> list:
+    from rstar.search.expand import derive_seed
+    from rstar.search.scheduler import Job, run_jobs
+
+    done = []
+    jobs = [Job(problem=p, seed=derive_seed(cfg.search.seed, p.id, 0)) for p in probs]
+
+    def on_error(job, tb):
+        raise AssertionError(tb)
+
+    run_jobs(jobs, cfg, backends, lambda j, t, i: done.append((j.key, t.to_dict())), on_error)
+    return sorted(done, key=lambda x: x[0])
+
+
+def test_greedy_search_trees_are_the_same_with_the_engine_and_kv_reuse_on_and_off(trained, sandbox) -> None:
+    """MCTS at temperature 0 on the memorised policy (it writes `x = x + 1` steps until the
+    depth limit): HF generate, the engine without and with the prefix cache, give one tree."""
+    from rstar.config import load_config
+    from rstar.data.problems import Problem
+    from rstar.search.scheduler import Backends
+
+    model, tok = trained
+    cfg = load_config(
+        "round2",
+        overrides=["search.rollouts=3", "search.num_samples=2", "search.max_depth=5", "search.temperature=0"],
+    )
+    probs = [Problem(id=f"p{i}", question=q, answer="3") for i, q in enumerate(["Count up.", "Count up!"])]
+    trees = {}
+    for name, kw in {
+        "hf": dict(engine="hf"),
+        "fast": dict(engine="fast", prefix_cache_mb=0),
+        "cached": dict(engine="fast", prefix_cache_mb=64),
+    }.items():
+        policy = HFPolicy(model, tokenizer=tok, **kw)
+        trees[name] = run_search(cfg, Backends(policy=policy, sandbox=sandbox), probs)
+        if name == "cached":
+            assert policy.engine.cache.hits > 0
+    assert trees["fast"] == trees["hf"] and trees["cached"] == trees["hf"]
+    assert max(n["depth"] for n in trees["hf"][0][1]["nodes"]) >= 3  # a real multi-step tree
+
+
+def test_parallel_rollouts_finish_and_undo_their_virtual_loss(sandbox) -> None:
+    """Virtual loss is taken back: each open node's N counts exactly the answers below it."""
+    import dataclasses
+
+    from rstar.config import load_config
+    from rstar.data.problems import Problem
+    from rstar.grading import Grader
+    from rstar.search.scheduler import Backends
+    from rstar.search.tree import ANSWER, Tree
+    from scripted import ScriptedPolicy
+
+    cfg = load_config("round2", overrides=["search.rollouts=6", "search.num_samples=3"])
+    probs = [
+        Problem(id=f"add:{i}", question=f"What is {10 + i} + {20 + i}?", answer=str(30 + 2 * i))
+        for i in range(3)
+    ]
+    with Grader(timeout_s=5) as grader:
+        for k in (1, 3):
+            pcfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, parallel_rollouts=k))
+            done = run_search(pcfg, Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader), probs)
+            assert len(done) == len(probs)
+            for _, d in done:
+                tree = Tree.from_dict(d)
+                for node in tree.nodes:
+                    if node.is_terminal:
+                        continue
+                    below, todo = 0, list(node.children)
+                    while todo:
+                        c = tree.nodes[todo.pop()]
+                        below += c.terminal == ANSWER
+                        todo.extend(c.children)
+                    assert node.N == below, (k, node.id)
+                assert tree.answers()

@@ -84,6 +84,11 @@ class SearchConfig:
     seed: int = _f(
         0, "run seed; each problem's search seed derives from it, the problem id and the search index"
     )
+    parallel_rollouts: int = _f(
+        1,
+        "MCTS rollouts descending at once within one search (AlphaZero-style virtual loss; their leaves are "
+        "expanded in one batch). 1 = the paper's sequential rollouts; more changes the trees but fills batches",
+    )
 
 
 @dataclass

@@ -41,6 +41,8 @@ def settle(tree: Tree, new: list[Node], cfg: SearchConfig, rollout: int) -> None
 
 def mcts(ctx: SearchContext) -> Search:
     cfg = ctx.cfg
+    if cfg.parallel_rollouts > 1:
+        return (yield from mcts_parallel(ctx))
     # Steps need reward-model values when q is PPM-initialised, and at inference, where the
     # answer's value is what gets backed up.
     score = cfg.ppm_init or not cfg.terminal_guided
@@ -55,4 +57,54 @@ def mcts(ctx: SearchContext) -> Search:
                 new = yield from expand(tree, ctx, [node], samples_for(node, cfg), score=score)
                 settle(tree, new, cfg, k)
             node = select_child(tree, node, cfg.c_puct, cfg.unvisited, rng)
+    return tree
+
+
+def mcts_parallel(ctx: SearchContext) -> Search:
+    """`mcts` with `cfg.parallel_rollouts` rollouts descending at once (AlphaZero's virtual
+    loss), so that one search puts several nodes into each model call.
+
+    Each walker descends by UCT from where it stands to the first unexpanded node; the distinct
+    nodes reached are expanded in one batch and settled as in `mcts`. Every node a walker
+    selects carries a virtual loss (one visit, value -1) until the walker's rollout ends, so
+    that the other walkers prefer other branches; the loss is then taken back exactly (real
+    backups of answers in between are additive and stay). The trees differ from sequential
+    rollouts, so data generation keeps `parallel_rollouts=1`.
+    """
+    cfg = ctx.cfg
+    score = cfg.ppm_init or not cfg.terminal_guided
+    rng = random.Random(ctx.seed)
+    tree = ctx.new_tree()
+    started = 0
+    walkers: list[tuple[int, Node, list[Node]]] = []  # (rollout, where it stands, virtual-loss path)
+    while True:
+        while len(walkers) < cfg.parallel_rollouts and started < cfg.rollouts and is_open(tree, tree.root):
+            walkers.append((started, tree.root, []))
+            started += 1
+        if not walkers:
+            break
+        leaves: dict[int, tuple[Node, int]] = {}  # node id -> (node, rollout that expands it)
+        going: list[tuple[int, Node, list[Node]]] = []
+        for k, node, path in walkers:
+            cur: Node | None = node
+            while cur is not None and cur.expanded:
+                cur = select_child(tree, cur, cfg.c_puct, cfg.unvisited, rng)
+                if cur is not None:
+                    cur.N += 1  # virtual loss
+                    cur.q -= 1.0
+                    path.append(cur)
+            if cur is None:  # no open child: this rollout is over
+                for n in path:
+                    n.N -= 1
+                    n.q += 1.0
+                continue
+            leaves.setdefault(cur.id, (cur, k))
+            going.append((k, cur, path))
+        walkers = going
+        if not leaves:
+            continue
+        nodes = [n for n, _ in leaves.values()]
+        new = yield from expand(tree, ctx, nodes, [samples_for(n, cfg) for n in nodes], score=score)
+        for node, k in leaves.values():
+            settle(tree, [c for c in new if c.parent == node.id], cfg, k)
     return tree
