@@ -329,3 +329,20 @@ def test_report_stage_time_adds_the_killed_attempt(tmp_path):
     data = collect(state.data)
     assert data["resumed"] == ["round1/generate"]
     assert "| round1/generate (resumed: all attempts) |" in markdown(data, total_s=1.0)
+
+
+def test_resume_of_a_run_written_before_a_new_search_field_is_allowed(inputs, tmp_path):
+    """A field a directory's config lacks came later: that run behaved as its default."""
+    from rstar.config import load_config
+    from rstar.data.problems import load_problems
+    from rstar.search.jobs import prepare_run
+
+    out = tmp_path / "run"
+    cfg = load_config("round2")
+    problems = load_problems(inputs / "p.json")
+    prepare_run(problems, cfg, out, resume=False)
+    run_json = json.loads((out / "run.json").read_text())
+    del run_json["config"]["search"]["seed"]  # as if `seed` were added after this run
+    run_json["config"]["search"]["retired_field"] = 3  # and this one removed since
+    (out / "run.json").write_text(json.dumps(run_json))
+    prepare_run(problems, load_config("round2"), out, resume=True)

@@ -10,11 +10,14 @@ limits, drops privileges, runs the program in a fresh namespace and exits; nothi
 Isolation (details and what is NOT isolated: docs/sandbox.md):
 - as root (how CI and our machines run): each worker lives in new PID, network, mount and IPC
   namespaces, is PID 1 there (so one `kill(-1)` removes everything a program left behind, and a
-  program cannot signal it), sees the host file system read-only with a private size-limited
-  tmpfs on /tmp, /var/tmp and /dev/shm, and has no network (only a downed loopback). Programs run
-  as a per-worker unprivileged uid, so RLIMIT_NPROC (which root ignores) holds.
+  program cannot signal it), sees a fresh root holding only the Python installation (read-only)
+  and a private size-limited tmpfs on /tmp, /var/tmp and /dev/shm, and has no network (only a
+  downed loopback). Programs run as a per-worker unprivileged uid, so RLIMIT_NPROC (which root
+  ignores) holds.
 - as a normal user: rlimits (which then apply), a private working directory, the worker as
   child subreaper for clean-up, and no network if unprivileged user namespaces are allowed.
+- always (`sandbox.seccomp`, default on): a syscall filter (`syscalls`) denies sockets, new
+  namespaces, ptrace, mounts, bpf, keyrings, perf, kexec and module loading with EPERM.
 
 Limits on every program: wall time and CPU time, address space, processes, output bytes, file
 size, open files; `sys.exit()`, `os._exit()`, crashes and limit hits come back as error results.
@@ -32,9 +35,9 @@ worker only forks and supervises, and the pool replaces a worker that dies or ha
 
 Modules: `settings` (SandboxConfig), `pool` (SandboxPool, ExecResult and the pool's handles on
 worker processes), `wire` (the pool <-> worker frames), `worker` (the worker process and the
-program's process), `isolation` (namespaces, mounts, limits via libc), `styles` (the output
-styles, with the authors' executor re-implemented), `cli` (`rstar exec`). The worker process
-starts as `python -c "from rstar.sandbox.worker import _worker_main; ..."` (`rstar.workers`).
+program's process), `isolation` (namespaces, the minimal root, limits via libc), `syscalls` (the
+seccomp filter), `styles` (the output styles, with the authors' executor re-implemented), `cli`
+(`rstar exec`). The worker process starts as `python -c "from rstar.sandbox.worker import _worker_main; ..."` (`rstar.workers`).
 """
 
 from __future__ import annotations

@@ -127,11 +127,15 @@ def check_resume(out: Path, cfg: Config) -> None:
     if old_cfg is None:
         return
     old, new = deciding_settings(old_cfg), deciding_settings(cfg.to_dict())
+    # A field the directory's config lacks came after it was written: that run had the field's
+    # default behaviour. Fields since removed decide nothing any more.
+    default = deciding_settings(Config().to_dict())
+    old = {k: old.get(k, default.get(k)) for k in new}
     extendable = old.get("search.mode") == new.get("search.mode") != "bon"
     diff = [
-        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k) and not (k == "search.trajectories" and extendable)
+        f"{k} {old[k]!r} -> {new[k]!r}"
+        for k in sorted(new)
+        if old[k] != new[k] and not (k == "search.trajectories" and extendable)
     ]
     if diff:
         raise RstarError(
