@@ -166,7 +166,10 @@ def _enter_minimal_root(spec: dict, report: dict) -> None:
         _mount(f"{root}{host}", f"{root}{path}", None, MS_BIND)
     PRESERVED[:] = [p for p in dirs if p == "/tmp" or p.startswith("/tmp/")]
     _pivot(root)
-    _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    try:  # (past the pivot nothing may fall back to the host's tree: a failure here is reported)
+        _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    except OSError as e:  # the root tmpfs is root's, mode 755: programs cannot write it anyway
+        report["minimal_root_error"] = f"the new root stays writable by root: {e}"
     report["filesystem"] = (
         f"minimal: a fresh root with only {', '.join(dirs)} and {', '.join(files)} (read-only); private "
         f"tmpfs on /tmp, /var/tmp, /dev/shm ({spec['tmpfs_mb']} MB), emptied after each program"
@@ -183,7 +186,10 @@ def _pivot(root: str) -> None:
     else:
         _check_libc(libc.syscall(nr, root.encode(), f"{root}/.old".encode()), "pivot_root")
         os.chdir("/")
-        _check_libc(libc.umount2(b"/.old", MNT_DETACH), "umount the old root")
+        try:
+            _check_libc(libc.umount2(b"/.old", MNT_DETACH), "umount the old root")
+        except OSError as e:  # fail closed: never fall back with the host's tree under /.old
+            raise RuntimeError(f"sandbox: {e}") from e
         os.rmdir("/.old")
     os.chdir("/")
 
