@@ -626,3 +626,13 @@ def test_recursion_past_a_raised_limit_is_a_recursion_error():
     with SandboxPool(SandboxConfig(timeout_s=20, memory_mb=64, workers=1)) as p:
         r = p.run(code)
     assert not r.ok and r.error_type == "RecursionError" and "memory limit of 64 MB" in r.error_message, r
+
+
+def test_syscalls_of_another_abi_kill_the_program(pool):
+    if os.uname().machine != "x86_64":
+        pytest.skip("the x32 ABI is an x86_64 matter")
+    r = pool.run(
+        _syscall_program("socket", "2, 1, 0").replace("libc.syscall(41,", "libc.syscall(41 | 0x40000000,")
+    )
+    assert not r.ok and r.error_type == "Crash" and "SIGSYS" in r.error_message, r
+    assert_serving(pool)

@@ -99,7 +99,9 @@ def bpf_for_workers() -> str:
     try:
         return base64.b64encode(build_bpf()).decode()
     except Exception as e:  # fail closed: no program runs unfiltered unless asked to
-        raise RuntimeError(
+        from rstar import RstarError  # (a one-line error for the CLI: the machine lacks a library)
+
+        raise RstarError(
             f"the sandbox's syscall filter cannot be built ({type(e).__name__}: {e}); install libseccomp "
             "(Debian: libseccomp2) and pyseccomp, or set sandbox.seccomp=false"
         ) from e
