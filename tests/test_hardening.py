@@ -346,3 +346,21 @@ def test_resume_of_a_run_written_before_a_new_search_field_is_allowed(inputs, tm
     run_json["config"]["search"]["retired_field"] = 3  # and this one removed since
     (out / "run.json").write_text(json.dumps(run_json))
     prepare_run(problems, load_config("round2"), out, resume=True)
+
+
+def test_second_writer_through_the_cli_is_one_line(inputs, tmp_path):
+    out = tmp_path / "run"
+    holder = _holder(out)
+    try:
+        for argv in (
+            ["generate", "--problems", f"{inputs}/p.json", "--out", str(out), "--policy", f"{inputs}/model"],
+            ["eval", "--benchmark", f"{inputs}/p.json", "--policy", f"{inputs}/model", "--out", str(out)],
+        ):
+            proc = _cli(argv, tmp_path)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+            assert (
+                f"in use by another rstar process (pid {holder.pid})" in proc.stderr.strip().splitlines()[-1]
+            )
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
