@@ -364,3 +364,24 @@ def test_second_writer_through_the_cli_is_one_line(inputs, tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_a_dead_writers_forked_child_delays_the_next_writer_only_briefly(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import os, time
+        from rstar.lock import locked_dir
+        with locked_dir({str(tmp_path / "d")!r}):
+            if os.fork() == 0:  # a forked child inherits the lock's descriptor
+                time.sleep(1.5)
+                os._exit(0)
+            os.kill(os.getpid(), 9)
+        """
+    )
+    subprocess.run([PY, "-c", code], timeout=60)
+    from rstar.lock import locked_dir
+
+    t0 = time.monotonic()
+    with locked_dir(tmp_path / "d"):
+        pass
+    assert time.monotonic() - t0 < 10

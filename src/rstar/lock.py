@@ -18,6 +18,7 @@ import inspect
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -82,17 +83,39 @@ def locked_dir(directory: str | Path, what: str = "--out") -> Iterator[Path]:
                 os.close(held_fd)  # closing the descriptor drops the flock
 
 
-def _acquire(directory: Path, what: str) -> int:
+def _alive(holder: str) -> bool:
+    if not holder.startswith("pid "):
+        return True
+    try:
+        os.kill(int(holder[4:]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        pass
+    return True
+
+
+def _acquire(directory: Path, what: str, orphan_wait_s: float = 10.0) -> int:
     path = directory / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DirectoryLocked(
-            f"{what} {directory} is in use by another rstar process ({_holder(path)}): "
-            "wait for it to finish or pick another directory"
-        ) from None
+    deadline = time.monotonic() + orphan_wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _holder(path)
+            # The writer has died but a process it forked still holds the descriptor: that one
+            # goes soon (its parent is gone), so wait a little rather than fail.
+            if not _alive(holder) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            os.close(fd)
+            left = "" if _alive(holder) else ", which has exited; a process it started still holds the lock"
+            raise DirectoryLocked(
+                f"{what} {directory} is in use by another rstar process ({holder}{left}): "
+                "wait for it to finish or pick another directory"
+            ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
