@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from rstar.report import collect, markdown, plot
 
 
@@ -46,3 +48,31 @@ def test_accuracies_carry_counts_and_plots_fix_the_axis(tmp_path, monkeypatch):
     assert len(fig.axes) == 3 and all(ax.get_ylim() == (-2.0, 102.0) for ax in fig.axes)
     assert (tmp_path / "report.png").stat().st_size > 10_000
     real_close(fig)
+
+
+def test_several_runs_combine_into_median_and_range(tmp_path):
+    from rstar.cli import main
+
+    runs = []
+    for i, (c4, t4) in enumerate([(0.2, 3), (0.4, 9), (0.3, 6)]):
+        state = {
+            "stages": {
+                "eval_base": {"seconds": 1.0, "result": _eval({"4": (0, 15)})},
+                "round1/extract": {
+                    "seconds": 1.0,
+                    "result": {"coverage": {"coverage": c4, "by_level": {"4": {"coverage": c4}}}},
+                },
+                "round1/eval": {"seconds": 1.0, "result": _eval({"4": (t4, 15)})},
+            }
+        }
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / "state.json").write_text(json.dumps(state))
+        assert main(["report", str(run)]) == 0  # one run: the report rewritten from its state
+        runs.append(run)
+    out = tmp_path / "combined.md"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "| 1 | 30.0 (20.0-40.0) |" in md  # coverage: median (min-max)
+    assert "| round 1 | greedy | 40.0 (20.0-60.0) | 40.0 (20.0-60.0) |" in md
+    assert main(["report", str(tmp_path / "run0"), str(tmp_path / "missing")]) == 2

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evolve": ("rstar.evolve", "run the 4-round self-evolution loop (embedded demo by default)"),
     "eval": ("rstar.evaluate", "evaluate search modes on a benchmark, with scaling curves"),
     "view": ("rstar.view", "write a self-contained HTML viewer of search trees"),
+    "report": ("rstar.report", "rewrite an evolve run's report, or combine several runs (median, range)"),
 }
 
 

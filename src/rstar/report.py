@@ -237,3 +237,101 @@ def _write_viewer(run: Path, r: int, n: int = 12) -> Path | None:
     except Exception as e:  # the viewer needs npm on first use; the report stands without it
         print(f"[evolve] tree viewer not written: {e}")
         return None
+
+
+# --- several runs: median and range -----------------------------------------------------------
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _spread(xs: list[float | None]) -> str:
+    """ "median (min-max)" in %, over the runs that have the figure."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return _pct(xs[0])
+    return f"{_pct(_median(xs))} ({_pct(min(xs))}-{_pct(max(xs))})"
+
+
+def combine(runs: list[Path]) -> str:
+    """Markdown of several runs of one preset (e.g. three seeds): for every round and level,
+    the median and range of training coverage and of each method's test accuracy, then each
+    run's own figures. Reads RUN/report.json of each run."""
+    datas = []
+    for run in runs:
+        path = Path(run) / "report.json"
+        if not path.exists():
+            raise FileNotFoundError(2, "no report.json (run `rstar evolve` there first)", str(path))
+        datas.append(json.loads(path.read_text()))
+    levels = sorted({lv for d in datas for lv in d["levels"]}, key=lambda x: (len(x), x))
+    rounds = sorted({r["round"] for d in datas for r in d["rounds"]})
+
+    def per_round(d: dict, r: int) -> dict | None:
+        return next((x for x in d["rounds"] if x["round"] == r), None)
+
+    lines = [f"# {len(runs)} runs: median (min-max), %", "", "Runs: " + ", ".join(str(r) for r in runs), ""]
+    lines += [
+        "## Training-set coverage",
+        "",
+        "| round | " + " | ".join(f"level {lv}" for lv in levels) + " |",
+    ]
+    lines += ["|" + " --- |" * (len(levels) + 1)]
+    for r in rounds:
+        rows = [per_round(d, r) for d in datas]
+        cells = [_spread([level_coverage(x, lv) if x else None for x in rows]) for lv in levels]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "## Test accuracy", "", "| policy | method | " + " | ".join(f"level {lv}" for lv in levels)]
+    lines[-1] += " | all |"
+    lines += ["|" + " --- |" * (len(levels) + 3)]
+    if any("eval_base" in d for d in datas):
+        cells = [_spread([d.get("eval_base", {}).get(lv) for d in datas]) for lv in [*levels, "all"]]
+        lines.append("| base | greedy | " + " | ".join(cells) + " |")
+    for r in rounds:
+        rows = [per_round(d, r) for d in datas]
+        for run, label in ((GREEDY, "greedy"), (BON, "best-of-N + PPM"), (MCTS, "MCTS + PPM")):
+            vals = [x["test"].get(run) if x else None for x in rows]
+            if not any(vals):
+                continue
+            cells = [_spread([v.get(lv) if v else None for v in vals]) for lv in [*levels, "all"]]
+            lines.append(f"| round {r} | {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## PPM held-out pairwise accuracy (per run; held-out pairs)", ""]
+    for r in rounds:
+        rows = [per_round(d, r) for d in datas]
+        cells = [
+            f"{_pct(x.get('ppm_heldout_accuracy'))} ({x.get('ppm_heldout_pairs')})" if x else "-"
+            for x in rows
+        ]
+        lines.append(f"- round {r}: " + ", ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser) -> None:
+    parser.description = (
+        "Rewrite an `rstar evolve` run's report from its state, or, given several runs of one "
+        "preset (e.g. three seeds), print their median and range per round and level."
+    )
+    parser.add_argument("runs", nargs="+", help="run directories (RUN/state.json, RUN/report.json)")
+    parser.add_argument("--out", help="also write the combined markdown here")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    runs = [Path(r) for r in args.runs]
+    if len(runs) == 1:
+        state_path = runs[0] / "state.json"
+        if not state_path.exists():
+            raise FileNotFoundError(2, "no state.json (not an `rstar evolve` run directory)", str(state_path))
+        state = json.loads(state_path.read_text())
+        total = sum(v.get("seconds", 0.0) for v in state.get("stages", {}).values())
+        print(write_report(runs[0], state, total)["markdown"])
+        return 0
+    md = combine(runs)
+    if args.out:
+        Path(args.out).write_text(md)
+    print(md)
+    return 0
