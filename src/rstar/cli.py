@@ -17,7 +17,7 @@ from rstar import RstarError
 COMMANDS: dict[str, tuple[str, str]] = {
     "exec": ("rstar.sandbox.cli", "run a Python file in the sandbox and print its output"),
     "grade": ("rstar.grading", "check answer equivalence (math-verify, killable workers)"),
-    "problems": ("rstar.data.problems", "load a problem set and print it as JSONL"),
+    "problems": ("rstar.data.sets", "load a problem set (a file, hf:NAME, world:...) and print it as JSONL"),
     "model": ("rstar.models.tiny", "write a tiny Qwen2 policy (and tokenizer) for tests and demos"),
     "config": ("rstar.config", "show the resolved config of a preset with each field's meaning"),
     "generate": ("rstar.search.run", "run data-generation search over a problem file into tree files"),

@@ -105,12 +105,10 @@ def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = N
     format, so that these work offline as in the authors' and Qwen's harnesses), and last the
     hub dataset under its own field names."""
     from rstar.data.problems import PACKAGED_BENCHMARKS, ProblemError, load_problems
+    from rstar.data.sets import is_world_spec, load_problem_set
 
-    if name == "world" or name.startswith("world:"):
-        from rstar.data.world import WorldConfig, make_split
-
-        n = int(name.split(":", 1)[1]) if ":" in name else 50
-        return make_split("test", n, WorldConfig())[:limit]  # [:None] keeps all
+    if is_world_spec(name):  # world[:SPLIT][:LEVELS][:N] (rstar.data.sets)
+        return load_problem_set(name, limit=limit)
     spec = BENCHMARKS.get(name.lower())
     if spec is None:
         if not Path(name).exists():
@@ -189,37 +187,52 @@ def _classes(answers: list[str | None], same: Callable[[str, str], bool]) -> lis
     return out
 
 
-def select(trajs: list[Trajectory], top_k: int, same: Callable[[str, str], bool]) -> dict[str, bool]:
-    """Correctness of each answer-selection rule on these trajectories."""
+def _choices(
+    trajs: list[Trajectory], top_k: int, same: Callable[[str, str], bool]
+) -> tuple[dict[str, str | None], dict[str, bool]]:
+    """(the answer each selection rule picks, whether it is correct) on these trajectories.
+    `pass` picks no answer (it asks whether any trajectory is correct)."""
     if not trajs:
-        return dict.fromkeys(METRICS, False)
+        return dict.fromkeys(METRICS, None), dict.fromkeys(METRICS, False)
     cls = _classes([t.answer for t in trajs], same)
 
     def correct_of(c: int) -> bool:
         return any(t.correct for t, k in zip(trajs, cls) if k == c)
 
-    def vote(idx: list[int], weight: Callable[[int], float]) -> bool:
+    def vote(idx: list[int], weight: Callable[[int], float]) -> int | None:
         tally: dict[int, float] = defaultdict(float)
         for i in idx:
             if trajs[i].answer is not None:
                 tally[cls[i]] += weight(i)
         if not tally:
-            return False
+            return None
         # ties: the class that reached the top first (deterministic)
-        best = max(tally.items(), key=lambda kv: (kv[1], -min(i for i in idx if cls[i] == kv[0])))[0]
-        return correct_of(best)
+        return max(tally.items(), key=lambda kv: (kv[1], -min(i for i in idx if cls[i] == kv[0])))[0]
 
     score = [t.score if t.score is not None else -1.0 for t in trajs]
     ranked = sorted(range(len(trajs)), key=lambda i: -score[i])
     top = ranked[:top_k]
-    return {
+    first = ranked[0]
+    picked = {
         "majority": vote(list(range(len(trajs))), lambda i: 1.0),
-        "best_of_n": trajs[ranked[0]].answer is not None and correct_of(cls[ranked[0]]),
+        "best_of_n": cls[first] if trajs[first].answer is not None else None,
         "topk_vote": vote(top, lambda i: 1.0),
         # scores are in [-1, 1]; shift to (0, 2] so a vote never subtracts
         "topk_weighted": vote(top, lambda i: score[i] + 1.0 + 1e-6),
-        "pass": any(t.correct for t in trajs),
     }
+    answers: dict[str, str | None] = {
+        rule: None if c is None else next(t.answer for t, k in zip(trajs, cls) if k == c)
+        for rule, c in picked.items()
+    }
+    correct = {rule: c is not None and correct_of(c) for rule, c in picked.items()}
+    answers["pass"] = None
+    correct["pass"] = any(t.correct for t in trajs)
+    return answers, correct
+
+
+def select(trajs: list[Trajectory], top_k: int, same: Callable[[str, str], bool]) -> dict[str, bool]:
+    """Correctness of each answer-selection rule on these trajectories."""
+    return _choices(trajs, top_k, same)[1]
 
 
 def metrics_at_budgets(
@@ -421,6 +434,11 @@ def run_eval(
                         "gold": problem.get("answer"),
                         "trajectories": [dataclasses.asdict(t) for t in trajs],
                         "selected": select(within(trajs, k_max), top_k, same),
+                        # per budget: the answer each rule picks and whether it is correct
+                        "by_budget": {
+                            str(k): dict(zip(("answers", "correct"), _choices(within(trajs, k), top_k, same)))
+                            for k in run_budgets
+                        },
                     }
                     f.write(json.dumps(row) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -462,18 +480,21 @@ def scaling_plot(
 
 
 def summary_table(summary: dict, budget: int | None = None) -> str:
-    """A Markdown table: one row per run, the metrics at `budget` (default: the largest)."""
+    """A Markdown table: one row per run and budget (with `budget`: per run, that budget, or
+    the largest the run has when it lacks it)."""
     rows = ["| run | mode | reward | k | " + " | ".join(METRICS) + " |", "|" + " --- |" * (4 + len(METRICS))]
     for name, run in summary["runs"].items():
         ks = sorted(int(k) for k in run["metrics"])
-        k = budget if budget in ks else ks[-1]
-        m = run["metrics"][k if k in run["metrics"] else str(k)]
+        if budget is not None:
+            ks = [budget if budget in ks else ks[-1]]
         reward = Path(run["reward"]).name if run["reward"] else "-"
-        rows.append(
-            f"| {name} | {run['mode']} | {reward} | {k} | "
-            + " | ".join(f"{100 * m[x]:.1f}" for x in METRICS)
-            + " |"
-        )
+        for k in ks:
+            m = run["metrics"][k if k in run["metrics"] else str(k)]
+            rows.append(
+                f"| {name} | {run['mode']} | {reward} | {k} | "
+                + " | ".join(f"{100 * m[x]:.1f}" for x in METRICS)
+                + " |"
+            )
     return "\n".join(rows)
 
 
@@ -506,7 +527,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reward models to compare with mcts (e.g. ppm=DIR,pqm=DIR,orm=DIR): the paper's Table 8",
     )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an evaluation in --out that stopped: finished searches are kept, the rest run "
+        "(the settings must match the first run's)",
+    )
     parser.add_argument("--limit", type=positive_int, help="only the first N problems")
     parser.add_argument("--data-dir", help="directory of local benchmark files (also $RSTAR_DATA_DIR)")
     add_config_arguments(parser, default_preset="eval")

@@ -17,17 +17,18 @@ where source is the file's stem and index is the row's id field (`id_field`, els
 Duplicate questions keep their separate ids (the authors' loader keys problems by question text
 and so merges them silently).
 
+The embedded world (`world[:SPLIT][:LEVELS][:N]`) and the `rstar problems` command are in
+`rstar.data.sets`, which every command that takes a problem set goes through.
+
 A malformed row raises ProblemError naming the file, the line (JSONL) or index (JSON array,
 hub rows) and the field.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -254,44 +255,3 @@ def _to_problem(row: Any, where: str, pos: int, source: str, f: _Fields) -> Prob
         source=source,
         meta=meta,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: `rstar problems SPEC`.
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", help="a .json/.jsonl file, or hf:NAME[:CONFIG][:SPLIT] (needs hub access)")
-    parser.add_argument("--limit", type=int, default=None, help="load at most N problems")
-    parser.add_argument("--question-field", default="question", help="field holding the question")
-    parser.add_argument("--answer-field", default="answer", help="field holding the answer or GSM8K solution")
-    parser.add_argument(
-        "--id-field", default=None, help="field holding a per-row id (default: index/position)"
-    )
-    parser.add_argument("--level-field", default="level", help="field holding the difficulty level")
-    parser.add_argument("--split", default="test", help="hub split when SPEC does not name one")
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    try:
-        problems = load_problems(
-            args.spec,
-            question_field=args.question_field,
-            answer_field=args.answer_field,
-            id_field=args.id_field,
-            level_field=args.level_field,
-            split=args.split,
-            limit=args.limit,
-        )
-    except (ProblemError, ValueError) as e:
-        print(f"rstar problems: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        for p in problems:
-            sys.stdout.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:  # `rstar problems ... | head`
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    return 0

@@ -106,7 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rstar.search.ray_runner import add_ray_arguments  # no Ray import: that waits for a --ray run
 
     parser.add_argument(
-        "--problems", required=True, help="problem file (.json/.jsonl) or hf:NAME[:CONFIG][:SPLIT]"
+        "--problems",
+        required=True,
+        help="problem file (.json/.jsonl), hf:NAME[:CONFIG][:SPLIT], or world[:train|test][:LEVELS][:N]",
     )
     parser.add_argument("--out", required=True, help="run directory (trees.jsonl, errors.jsonl, run.json)")
     parser.add_argument(
@@ -120,11 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from rstar.data.problems import load_problems
+    from rstar.data.sets import load_problem_set
     from rstar.search.ray_runner import ray_options_from_args
 
     cfg = config_with_model_args(args)
-    problems = load_problems(args.problems, limit=args.limit)
+    problems = load_problem_set(args.problems, limit=args.limit)
     if not problems:
         raise RstarError(f"--problems {args.problems}: no problems in it")
     options = ray_options_from_args(args)
