@@ -429,7 +429,10 @@ def describe(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
     """The config flags every command that runs a search shares."""
-    parser.add_argument("--preset", default=default_preset, help=f"preset: {', '.join(list_presets())}")
+    default = f"default: {default_preset}" if default_preset else "default: none, the built-in defaults"
+    parser.add_argument(
+        "--preset", default=default_preset, help=f"preset: {', '.join(list_presets())} ({default})"
+    )
     parser.add_argument(
         "--config", dest="config_file", help="YAML file of config sections (may name a `base` preset)"
     )

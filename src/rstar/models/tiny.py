@@ -16,19 +16,26 @@ The tokenizer is shaped for a small model learning the step format:
   They are *added* tokens but not *special* ones: `decode(..., skip_special_tokens=True)`
   keeps them, because they are content, not control tokens; only pad and eos are special.
 
-Command line: `rstar model tiny --out DIR [--size tiny|small|medium] [--corpus FILE] [--seed N]`.
+Command line: `rstar model tiny --out DIR [--size tiny|small|medium] [--corpus FILE] [--seed N]`
+writes random weights; `rstar model tiny --pretrain --out DIR` also pre-trains the policy on the
+embedded world's seed set (reference solutions of levels 1-2, `pretrain_tiny`), as `rstar evolve`
+does for its base policy but on fewer solutions: a small policy that solves easy world problems,
+in a minute or two on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rstar import steps
+from rstar import RstarError, steps
 
 if TYPE_CHECKING:  # keep `rstar model --help` free of torch/transformers imports
     from transformers import PreTrainedTokenizerFast
@@ -263,26 +270,169 @@ def count_parameters(model_dir: str | Path) -> int:
     return total
 
 
+# --- pre-training on the embedded world ---------------------------------------------------
+
+PRETRAIN_SEED_PROBLEMS = 1000  # per seed level; `rstar evolve` (embedded preset) uses 3000
+PRETRAIN_VOCAB_SIZE = 900  # the embedded preset's evolve.vocab_size
+PRETRAIN_PRESET = "embedded"
+
+
+def pretrain_tiny(
+    out_dir: str | Path,
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    vocab_size: int = PRETRAIN_VOCAB_SIZE,
+    seed_problems: int = PRETRAIN_SEED_PROBLEMS,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+) -> dict:
+    """Build a tiny policy and pre-train it on the embedded world's seed set; returns the metrics.
+
+    The recipe of `rstar evolve`'s base policy (`evolve.build_base`, the embedded preset): a
+    tokenizer trained on the world's text, then SFT with the preset's `pretrain` settings on the
+    reference solutions of its seed levels (1-2), `seed_problems` per level drawn from the world's
+    train split with the seed the preset's seed pool uses. Writes `out_dir` (an HF model directory,
+    with `metrics.json` and `rstar_training.json`). If `out_dir` already holds a policy pre-trained
+    with the same settings, it is kept and its metrics returned.
+    """
+    import dataclasses
+    import tempfile
+
+    from rstar.config import load_config
+    from rstar.data.world import WorldConfig, make_split, seed_sft_records, tokenizer_corpus
+    from rstar.training.common import PROVENANCE_FILE
+    from rstar.training.sft import train_sft
+
+    cfg = load_config(PRETRAIN_PRESET)
+    train_cfg = cfg.pretrain if epochs is None else dataclasses.replace(cfg.pretrain, epochs=float(epochs))
+    recipe = {
+        "preset": PRETRAIN_PRESET,
+        "size": size,
+        "init_seed": seed,
+        "vocab_size": vocab_size,
+        "seed_levels": list(cfg.evolve.seed_levels),
+        "seed_problems_per_level": seed_problems,
+        "world_seed": cfg.evolve.world_seed + 1,
+        "max_steps": max_steps,
+    }
+    out = Path(out_dir)
+    done = out / PROVENANCE_FILE
+    if done.exists() and (out / "model.safetensors").exists():
+        try:
+            old = json.loads(done.read_text())
+        except ValueError:
+            old = {}
+        if old.get("pretrain") == recipe and old.get("config") == dataclasses.asdict(train_cfg):
+            print(
+                f"[model] {out}: already pre-trained with these settings; kept", file=sys.stderr, flush=True
+            )
+            return dict(old.get("metrics") or {})
+    world = WorldConfig()
+    t0 = time.perf_counter()
+    levels = {lv: seed_problems for lv in cfg.evolve.seed_levels}
+    records = seed_sft_records(make_split("train", levels, world, seed=recipe["world_seed"]))
+    print(
+        f"[model] {len(records)} seed solutions (levels {recipe['seed_levels']}) in "
+        f"{time.perf_counter() - t0:.1f} s; pre-training a {size} policy for {train_cfg.epochs:g} "
+        f"epochs at lr {train_cfg.learning_rate:g} ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="rstar-tiny-init-") as tmp:
+        init = build_tiny_policy(
+            Path(tmp) / "init", tokenizer_corpus(world, n=1000), size=size, seed=seed, vocab_size=vocab_size
+        )
+        return train_sft(
+            records,
+            init,
+            out,
+            train_cfg,
+            max_steps=max_steps,
+            device="cpu",
+            provenance={
+                "base_model": f"random init (rstar model tiny --size {size} --seed {seed})",
+                "pretrain": recipe,
+            },
+        )
+
+
 # --- command line ------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("tiny", help="a randomly initialised tiny Qwen2 and a locally trained tokenizer")
+    tiny_help = "a tiny Qwen2 and a locally trained tokenizer: random weights, or pre-trained with --pretrain"
+    p = sub.add_parser(
+        "tiny",
+        help=tiny_help,
+        description="Write a tiny Qwen2 policy and a locally trained tokenizer (an ordinary HF model "
+        "directory). Without --pretrain its weights are random: it solves nothing. With --pretrain it "
+        "is pre-trained on the embedded world's seed set (reference solutions of levels 1-2, as "
+        "`rstar evolve` pre-trains its base policy), a minute or two on a CPU: a small policy that "
+        "solves easy `world` problems, for the README tour and experiments.",
+    )
     p.add_argument("--out", required=True, help="output directory (an HF model directory)")
+    p.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pre-train on the embedded world's seed set (the evolve preset's recipe); an --out that "
+        "already holds a policy pre-trained with the same settings is kept as it is",
+    )
+    p.add_argument(
+        "--seed-problems",
+        type=int,
+        default=PRETRAIN_SEED_PROBLEMS,
+        help=f"--pretrain: seed solutions per seed level (default: {PRETRAIN_SEED_PROBLEMS}; "
+        "`rstar evolve` uses 3000)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="--pretrain: passes over the seed set (default: the embedded preset's, 2)",
+    )
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="model preset (default: tiny)")
     p.add_argument(
         "--corpus",
         default=None,
         help="text to train the tokenizer on: .txt, .jsonl or .json (default: built-in step-format corpus)",
     )
-    p.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary size (default: 512)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help=f"tokenizer vocabulary size (default: 512; with --pretrain {PRETRAIN_VOCAB_SIZE}, the evolve preset's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default: 0)")
     p.set_defaults(func=_cmd_tiny)
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
+    if args.pretrain:
+        if args.corpus:
+            raise RstarError(
+                "--corpus and --pretrain: the pre-trained policy's tokenizer is trained on the world's text"
+            )
+        vocab = args.vocab_size if args.vocab_size is not None else PRETRAIN_VOCAB_SIZE
+        out = Path(args.out)
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout: the result line
+            metrics = pretrain_tiny(
+                out,
+                size=args.size,
+                seed=args.seed,
+                vocab_size=vocab,
+                seed_problems=args.seed_problems,
+                epochs=args.epochs,
+            )
+        print(
+            f"{out}\t{count_parameters(out):,} parameters ({args.size}), pre-trained on "
+            f"{metrics['train_examples']} seed solutions: {metrics['steps']} steps, "
+            f"eval loss {metrics.get('eval_loss', float('nan')):.3f}"
+        )
+        return 0
     texts = list(read_corpus(args.corpus)) if args.corpus else None
-    out = build_tiny_policy(args.out, texts, size=args.size, seed=args.seed, vocab_size=args.vocab_size)
+    vocab = args.vocab_size if args.vocab_size is not None else 512
+    out = build_tiny_policy(args.out, texts, size=args.size, seed=args.seed, vocab_size=vocab)
     print(f"{out}\t{count_parameters(out):,} parameters ({args.size})")
     return 0

@@ -160,16 +160,55 @@ def use_bf16(setting: str) -> bool:
     raise RstarError(f"bf16={setting!r}: expected auto | true | false")
 
 
+def select_device(device: str = "auto") -> str:
+    """Apply `model.device` to a training run, before the Trainer touches CUDA: "auto" = the
+    Trainer's choice (CUDA when there is one), "cpu" = CPU even on a GPU machine, "cuda" = the
+    first GPU, "cuda:N" = GPU N only (through CUDA_VISIBLE_DEVICES, so it must be set before
+    CUDA starts; under `accelerate launch` each process's device is accelerate's, and this
+    setting is ignored). Returns the device the run will use, for the provenance file."""
+    import torch
+
+    d = str(device or "auto").strip().lower()
+    if d == "cpu":
+        return "cpu"
+    if d not in ("auto", "cuda") and not d.startswith("cuda:"):
+        raise RstarError(f"model.device={device!r}: expected auto | cpu | cuda | cuda:N")
+    if d.startswith("cuda:") and world_size() == 1:
+        index = d.split(":", 1)[1]
+        if not index.isdigit():
+            raise RstarError(f"model.device={device!r}: expected cuda:N with N a GPU number")
+        if torch.cuda.is_initialized():
+            if torch.cuda.current_device() != int(index):
+                raise RstarError(
+                    f"model.device={device}: CUDA already started on another GPU in this process"
+                )
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = index
+    if d != "auto" and not torch.cuda.is_available():
+        raise RstarError(f"model.device={device}: no CUDA device is available")
+    return "cuda" if d == "auto" and torch.cuda.is_available() else ("cpu" if d == "auto" else d)
+
+
 def trainer_arguments(
-    cfg: TrainConfig, out_dir: str | Path, *, max_steps: int | None = None, has_eval: bool = False
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    max_steps: int | None = None,
+    has_eval: bool = False,
+    device: str = "auto",
+    save_steps: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of `TrainingArguments` (and TRL's configs, its subclasses) from a
     TrainConfig. Every default that TRL changes from the HF Trainer's is set explicitly here,
-    so that SFT and reward training run under the same rules."""
+    so that SFT and reward training run under the same rules. `device` is `select_device`'s
+    result; `save_steps` writes a resumable checkpoint (`out_dir/checkpoint-STEP`) that often."""
     import torch
 
     per_device, accum = batch_plan(cfg.batch_size, cfg.micro_batch_size, world_size())
-    on_gpu = torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() and device != "cpu"
+    saving = {"save_strategy": "no"}  # the final model is saved once, by the caller
+    if save_steps:
+        saving = {"save_strategy": "steps", "save_steps": save_steps}
     return dict(
         output_dir=str(out_dir),
         learning_rate=cfg.learning_rate,
@@ -191,7 +230,8 @@ def trainer_arguments(
         logging_steps=cfg.logging_steps,
         train_sampling_strategy=cfg.sampling,
         logging_first_step=True,
-        save_strategy="no",  # the final model is saved once, by the caller
+        use_cpu=device == "cpu",
+        **saving,
         eval_strategy="no",  # held-out metrics are computed once, after training
         report_to="none",
         disable_tqdm=False,
@@ -213,3 +253,113 @@ def write_metrics(out_dir: str | Path, metrics: dict) -> Path:
     path = Path(out_dir) / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return path
+
+
+# --- provenance --------------------------------------------------------------------------
+
+PROVENANCE_FILE = "rstar_training.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_provenance(data: Records, records: list[dict]) -> dict[str, Any]:
+    """Where the training data came from: the file's absolute path and sha256, or for records
+    passed in memory the sha256 of their JSONL serialisation (sorted keys), and the count."""
+    import hashlib
+
+    if isinstance(data, (str, Path)):
+        return {"path": str(Path(data).resolve()), "sha256": file_sha256(data), "records": len(records)}
+    blob = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+    return {"path": None, "sha256": hashlib.sha256(blob.encode()).hexdigest(), "records": len(records)}
+
+
+def package_versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    from rstar import __version__
+
+    out = {"rstar": __version__, "python": platform.python_version()}
+    for dist in ("torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_provenance(
+    out_dir: str | Path,
+    *,
+    kind: str,
+    base_model: str | Path,
+    data: dict[str, Any],
+    cfg: TrainConfig,
+    metrics: dict[str, Any],
+    device: str,
+    max_steps: int | None = None,
+    resumed_from: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """`out_dir/rstar_training.json`: how the model in `out_dir` was made (base model, data
+    file and its sha256, the training config, device, package versions, metrics, command)."""
+    import dataclasses
+    import sys
+    import time
+
+    base = str(base_model)
+    if Path(base).exists():
+        base = str(Path(base).resolve())
+    doc = {
+        "kind": kind,
+        "base_model": base,
+        "data": data,
+        "config": dataclasses.asdict(cfg),
+        "max_steps": max_steps,
+        "resumed_from_checkpoint": resumed_from,
+        "device": device,
+        "world_size": world_size(),
+        "versions": package_versions(),
+        "metrics": metrics,
+        "argv": sys.argv,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    path = Path(out_dir) / PROVENANCE_FILE
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return path
+
+
+# The paper's learning rate (7e-6) is for a 7B model; a model this small barely moves at it.
+SMALL_MODEL_PARAMS = 100_000_000
+SMALL_MODEL_LR = 1e-4
+_warned_lr: set[tuple[str, float]] = set()
+
+
+def warn_small_model_lr(n_params: int, cfg: TrainConfig, section: str, out: Any = None) -> bool:
+    """Warn once on stderr when a model under ~100M parameters is trained at a learning rate
+    meant for billions (below 1e-4, e.g. the paper's 7e-6). Returns whether it warned."""
+    import sys
+
+    if n_params >= SMALL_MODEL_PARAMS or cfg.learning_rate >= SMALL_MODEL_LR:
+        return False
+    key = (section, float(cfg.learning_rate))
+    if key in _warned_lr:
+        return False
+    _warned_lr.add(key)
+    print(
+        f"rstar train: warning: learning rate {cfg.learning_rate:g} is the paper's setting for a 7B model; "
+        f"this model has {n_params / 1e6:.1f}M parameters and will barely change at it. Pass --lr "
+        f"(e.g. --lr 1e-3 for the tiny policy; = --set {section}.learning_rate=...).",
+        file=out or sys.stderr,
+        flush=True,
+    )
+    return True

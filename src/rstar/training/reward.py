@@ -43,11 +43,15 @@ from rstar import RstarError, steps
 from rstar.models.ppm import REWARD_KINDS, encode, init_reward_model, pad_right, values_from_logits
 from rstar.training.common import (
     Records,
+    data_provenance,
     load_records,
     problem_key,
+    select_device,
     split_held_out,
     trainer_arguments,
+    warn_small_model_lr,
     write_metrics,
+    write_provenance,
 )
 
 if TYPE_CHECKING:
@@ -193,13 +197,19 @@ def train_reward(
     kind: str = "ppm",
     *,
     max_steps: int | None = None,
+    device: str = "auto",
+    save_steps: int | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a reward model of `kind` ("ppm", "orm" or "pqm") from the SFT policy `base_model`.
 
     `data`: a list of records or a JSON/JSONL file of them (pairs for ppm/orm, `{"prompt",
     "step", "q"}` for pqm). `max_steps`, if given, stops after that many optimizer steps.
     Saves one HF directory to `out_dir` (loadable by `rstar.models.ppm.load_reward_model`) and
-    returns the metrics, also written to `out_dir/metrics.json`.
+    returns the metrics, also written to `out_dir/metrics.json`; `out_dir/rstar_training.json`
+    records how it was made. `device`, `save_steps`, `resume_from_checkpoint` and `provenance`
+    as in `train_sft`.
     """
     if kind not in REWARD_KINDS:
         raise RstarError(f"--kind {kind!r}: expected one of {', '.join(REWARD_KINDS)}")
@@ -218,9 +228,13 @@ def train_reward(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    used_device = select_device(device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = init_reward_model(base_model, kind, max_length=cfg.max_length)
-    targs = trainer_arguments(cfg, out, max_steps=max_steps, has_eval=bool(eval_recs))
+    warn_small_model_lr(model.num_parameters(), cfg, "ppm")
+    targs = trainer_arguments(
+        cfg, out, max_steps=max_steps, has_eval=bool(eval_recs), device=used_device, save_steps=save_steps
+    )
     if kind == "pqm":
         train_ds = _value_dataset(train_recs, tokenizer, cfg.max_length)
         eval_ds = _value_dataset(eval_recs, tokenizer, cfg.max_length) if eval_recs else None
@@ -248,7 +262,7 @@ def train_reward(
         n_tokens = sum(len(x) for col in ("chosen_ids", "rejected_ids") for x in train_ds[col])
 
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     seconds = time.perf_counter() - t0
     metrics: dict[str, Any] = {
         "kind": kind,
@@ -270,4 +284,16 @@ def train_reward(
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
         write_metrics(out, metrics)
+        write_provenance(
+            out,
+            kind=kind,
+            base_model=base_model,
+            data=data_provenance(data, records),
+            cfg=cfg,
+            metrics=metrics,
+            device=used_device,
+            max_steps=max_steps,
+            resumed_from=None if resume_from_checkpoint is None else str(resume_from_checkpoint),
+            extra=provenance,
+        )
     return metrics

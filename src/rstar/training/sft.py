@@ -27,11 +27,15 @@ from typing import TYPE_CHECKING, Any
 from rstar import steps
 from rstar.training.common import (
     Records,
+    data_provenance,
     load_records,
     problem_key,
+    select_device,
     split_held_out,
     trainer_arguments,
+    warn_small_model_lr,
     write_metrics,
+    write_provenance,
 )
 
 if TYPE_CHECKING:
@@ -121,6 +125,8 @@ def build_sft_trainer(
     cfg: TrainConfig,
     *,
     max_steps: int | None = None,
+    device: str = "auto",
+    save_steps: int | None = None,
 ) -> tuple[Any, PreTrainedTokenizerBase, list[str]]:
     """(SFTTrainer, tokenizer, added step tags), ready to train; `train_sft` runs it. Separate
     so that tests can inspect exactly what the trainer will see (its labels, its tokenizer)."""
@@ -143,7 +149,14 @@ def build_sft_trainer(
 
     eval_ds = dataset(eval_recs) if eval_recs else None
     args = SFTConfig(
-        **trainer_arguments(cfg, out_dir, max_steps=max_steps, has_eval=eval_ds is not None),
+        **trainer_arguments(
+            cfg,
+            out_dir,
+            max_steps=max_steps,
+            has_eval=eval_ds is not None,
+            device=device,
+            save_steps=save_steps,
+        ),
         max_length=cfg.max_length,  # longer examples keep their start (TRL's only truncation mode)
         completion_only_loss=True,
         packing=False,
@@ -169,6 +182,10 @@ def train_sft(
     cfg: TrainConfig,
     *,
     max_steps: int | None = None,
+    device: str = "auto",
+    save_steps: int | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `base_model` on SFT records; save an HF policy directory to `out_dir`.
 
@@ -176,7 +193,11 @@ def train_sft(
     `cfg.eval_fraction` of the problems is held out for the loss reported as `eval_loss`.
     `max_steps`, if given, stops after that many optimizer steps (smoke runs and tests).
     Returns the metrics, also written to `out_dir/metrics.json`. The directory loads with
-    `HFPolicy(out_dir)`.
+    `HFPolicy(out_dir)`; `out_dir/rstar_training.json` records how it was made (base model, data
+    file and sha256, config, versions, metrics; `provenance` adds or replaces entries).
+    `device` is `model.device` (`select_device`); `save_steps` keeps resumable checkpoints
+    (`out_dir/checkpoint-STEP`), and `resume_from_checkpoint` (a checkpoint directory, or True
+    for the last one in `out_dir`) continues from one.
     """
     records = load_records(data, SFT_FIELDS, what="SFT data")
     train_recs, eval_recs = split_held_out(
@@ -184,12 +205,21 @@ def train_sft(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    used_device = select_device(device)
     trainer, tokenizer, added = build_sft_trainer(
-        train_recs, eval_recs, base_model, out, cfg, max_steps=max_steps
+        train_recs,
+        eval_recs,
+        base_model,
+        out,
+        cfg,
+        max_steps=max_steps,
+        device=used_device,
+        save_steps=save_steps,
     )
+    warn_small_model_lr(trainer.model.num_parameters(), cfg, "sft")
     n_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     seconds = time.perf_counter() - t0
     metrics: dict[str, Any] = {
         "kind": "sft",
@@ -207,4 +237,16 @@ def train_sft(
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
         write_metrics(out, metrics)
+        write_provenance(
+            out,
+            kind="sft",
+            base_model=base_model,
+            data=data_provenance(data, records),
+            cfg=cfg,
+            metrics=metrics,
+            device=used_device,
+            max_steps=max_steps,
+            resumed_from=None if resume_from_checkpoint is None else str(resume_from_checkpoint),
+            extra=provenance,
+        )
     return metrics
