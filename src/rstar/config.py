@@ -329,15 +329,27 @@ def load_config(
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
     cls: type = Config,
+    preset_is_default: bool = False,
 ) -> Any:
-    """Resolve a config: defaults < preset < config file < `section.field=value` overrides."""
+    """Resolve a config: defaults < preset < config file < `section.field=value` overrides.
+
+    A config file's `base: NAME` is its preset: it replaces a command's default preset
+    (`preset_is_default`), and naming another preset with `--preset` as well is an error."""
     data: dict = {}
-    if preset:
-        data = _merge(data, preset_dict(preset))
+    file_data: dict = {}
     if config_file:
         file_data = _read_yaml(Path(config_file), str(config_file))
-        if "base" in file_data:
-            data = _merge(data, preset_dict(file_data.pop("base")))
+        base = file_data.pop("base", None)
+        if base is not None:
+            if preset and not preset_is_default and str(base) != preset:
+                raise ConfigError(
+                    f"--preset {preset} and {config_file} (base: {base}) name two presets: drop one "
+                    "(a config file's base is its preset)"
+                )
+            preset = str(base)
+    if preset:
+        data = _merge(data, preset_dict(preset))
+    if file_data:
         data = _merge(data, file_data)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
@@ -431,10 +443,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
     """The config flags every command that runs a search shares."""
     default = f"default: {default_preset}" if default_preset else "default: none, the built-in defaults"
     parser.add_argument(
-        "--preset", default=default_preset, help=f"preset: {', '.join(list_presets())} ({default})"
+        "--preset",
+        default=None,
+        help=f"preset: {', '.join(list_presets())} ({default}; a --config file's `base:` replaces the default)",
     )
+    parser.set_defaults(default_preset=default_preset)
     parser.add_argument(
-        "--config", dest="config_file", help="YAML file of config sections (may name a `base` preset)"
+        "--config",
+        dest="config_file",
+        help="YAML file of config sections; its `base: PRESET` is its preset (an error beside another --preset)",
     )
     parser.add_argument(
         "--set",
@@ -447,7 +464,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
 
 
 def config_from_args(args: argparse.Namespace, cls: type = Config) -> Any:
-    return load_config(args.preset, args.config_file, args.overrides, cls=cls)
+    """The config a command's flags name: `--preset` (else the command's default preset, which a
+    `--config` file's `base:` replaces), `--config`, then each `--set`."""
+    default = getattr(args, "default_preset", None)
+    preset = args.preset or default
+    is_default = not args.preset
+    return load_config(preset, args.config_file, args.overrides, cls=cls, preset_is_default=is_default)
 
 
 # --- CLI: rstar config show ----------------------------------------------------------------

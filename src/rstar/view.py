@@ -262,7 +262,9 @@ def _select(records: list[dict], problem: str | None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trees", help="tree file (trees.jsonl, docs/TREE_FILES.md)")
+    parser.add_argument(
+        "trees", help="tree file (trees.jsonl, docs/TREE_FILES.md), or a run directory holding one"
+    )
     parser.add_argument("--out", required=True, help="HTML file to write")
     parser.add_argument(
         "--problem",
@@ -276,6 +278,10 @@ def _cli(args: argparse.Namespace) -> int:
     from rstar.search.treefile import numbered_records
 
     path = Path(args.trees)
+    if path.is_dir():  # a run directory, as `rstar extract` takes it
+        if not (path / "trees.jsonl").is_file():
+            raise ViewerError(f"{path}: a directory without a trees.jsonl")
+        path = path / "trees.jsonl"
     if not path.is_file():
         raise ViewerError(f"{path}: no such file")
     numbered = list(numbered_records(path))

@@ -51,11 +51,10 @@ from rstar.models.base import Completion, GenRequest
 
 INSTALL_HINT = (
     "vLLM is not installed. It runs on Linux with an NVIDIA GPU and pins its own torch and "
-    "transformers: install it first, in its own virtual environment, then this project "
-    "without touching those pins (docs/GPU.md):\n"
-    "  python -m venv .venv-gpu && . .venv-gpu/bin/activate\n"
-    "  pip install vllm\n"
-    "  pip install -e '.[dev]'"
+    "transformers: install it in its own virtual environment, together with this project in one "
+    "command, so that pip's resolver sees vLLM's pins (docs/GPU.md):\n"
+    "  python3.11 -m venv .venv-gpu && . .venv-gpu/bin/activate\n"
+    '  pip install "vllm==0.33.0" -e ".[dev]"'
 )
 
 

@@ -57,7 +57,8 @@ def open_backends(cfg: Config, policy=None, reward=None, need_grader: bool = Tru
 
 def check_reward(cfg: Config, reward) -> None:
     if reward is None and needs_reward(cfg.search):
-        what = (
+        named = {"beam": "step beam search (--mode beam)", "bon": "best-of-N (--mode bon)"}
+        what = named.get(cfg.search.mode) or (
             "PPM-initialised MCTS" if cfg.search.ppm_init else f"search.mode={cfg.search.mode} at inference"
         )
         raise RstarError(f"{what} needs a reward model: pass --ppm DIR (or set model.ppm)")
