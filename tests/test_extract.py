@@ -540,3 +540,20 @@ def test_missing_node_field_names_file_line_and_node(tmp_path, capsys):
     assert "t.jsonl:2" in capsys.readouterr().err
     assert rstar_main(["extract", "sft", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_trl_format_writes_prompt_chosen_rejected(tmp_path):
+    t, _ = tree1()
+    run = tmp_path / "run"
+    write_lines(run / "trees.jsonl", [make_record(t)])
+    authors = ex.extract_ppm([make_record(t)])
+    assert authors
+    for what, expected in (("ppm", authors), ("orm", None)):
+        out = tmp_path / f"{what}_trl.jsonl"
+        assert rstar_main(["extract", what, str(run), "--format", "trl", "--out", str(out)]) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert rows and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+        if expected is not None:  # the same pairs, renamed: prompt + chosen is the text the PPM scores
+            assert [(r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]) for r in rows] == [
+                (p["prompt"] + p["pos"], p["prompt"] + p["neg"]) for p in expected
+            ]

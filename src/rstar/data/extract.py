@@ -782,6 +782,12 @@ def summary(what: str, stats: ExtractStats, args: argparse.Namespace | None = No
     return lines
 
 
+def to_trl(pair: dict) -> dict:
+    """A pair in TRL's explicit-prompt preference format: `prompt` + `chosen` (`rejected`) is
+    exactly the text the PPM scores as the better (worse) continuation."""
+    return {"prompt": pair["prompt"], "chosen": pair["pos"], "rejected": pair["neg"]}
+
+
 # One function per extraction: (records, stats, args) -> the records to write.
 _EXTRACTORS: dict[str, Callable[[Records, ExtractStats, argparse.Namespace], list[dict]]] = {
     "sft": lambda recs, stats, a: extract_sft(recs, a.top_k, stats=stats),
@@ -813,6 +819,8 @@ def _cli(args: argparse.Namespace) -> int:
     else:
         out = _EXTRACTORS[args.what](read_trees(files), stats, args)
         _require_trees(stats, files)
+        if getattr(args, "format", "authors") == "trl":
+            out = [to_trl(r) for r in out]
         write_records(out, args.out)
     for line in summary(args.what, stats, args):
         print(line, file=log)
@@ -852,6 +860,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "truncated, too deep, no boxed answer), not only at a wrong answer",
         )
 
+    def pair_format(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--format",
+            choices=["authors", "trl"],
+            default="authors",
+            help="authors: {prompt, pos, neg, pos_count, neg_count} (default; what `rstar train ppm` "
+            "reads); trl: {prompt, chosen, rejected}, the preference format of TRL's RewardTrainer and "
+            "DPOTrainer (prompt + chosen is the scored text)",
+        )
+
     p = command("sft", "policy SFT data: per problem the top-k error-free correct trajectories by mean Q")
     top_k(p, "trajectories per problem")
     p = command("ppm", "PPM preference pairs: per-step pairs and final-step whole-trajectory pairs")
@@ -864,10 +882,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     edit_distance(p)
     invalid(p)
+    pair_format(p)
     p = command("orm", "ORM baseline pairs: correct vs incorrect whole trajectories, without Q")
     top_k(p, "positives and negatives per problem")
     edit_distance(p)
     invalid(p)
+    pair_format(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the choice among trajectories")
     command("pqm", "PQM baseline records: every visited step's Q as a regression target")
     p = command("coverage", "share of problems with a correct trajectory, overall and per level", out=False)
