@@ -16,7 +16,7 @@ from rstar.sandbox import SandboxConfig, SandboxPool
 from rstar.search.expand import best_answer_node, derive_seed
 from rstar.search.run import generate
 from rstar.search.scheduler import Backends, Job, run_jobs
-from rstar.search.tree import ANSWER, CODE_ERROR, TOO_DEEP, Tree, select_child, uct
+from rstar.search.tree import ANSWER, CODE_ERROR, NO_ANSWER, TOO_DEEP, TRUNCATED, Tree, select_child, uct
 from rstar.search.treefile import iter_records
 from scripted import BranchingPolicy, ScriptedPolicy, ScriptedReward, TableReward
 
@@ -401,3 +401,111 @@ def test_data_generation_settles_by_q_even_with_ppm_values(sandbox, grader):
     [(job, tree, info)] = search(cfg, backends, problems(1))
     assert info["correct"] is True and info["answer"] == job.problem.answer
     assert best_answer_node(tree, by_value=True).correct is False  # what the PPM alone would pick
+
+
+# --- terminals, answer samples, rollout stamps (issue 22) ------------------------------------
+
+
+class _OddEnds(BranchingPolicy):
+    """BranchingPolicy whose first step may also be cut off by the token limit (no tag: a
+    TRUNCATED terminal) or an answer with no \\boxed{} (a NO_ANSWER terminal)."""
+
+    CUT = "<code>\n# Step 1: the step runs out of tokens before its ta"
+    UNBOXED = "<answer>I cannot tell.<end_of_answer>"
+
+    def generate(self, requests):
+        out = super().generate(requests)
+        for r, outs in zip(requests, out):
+            if not r.prompt.rsplit("solve the problem with code.", 1)[1]:  # the first step
+                outs[0].text, outs[0].stop_reason = self.CUT, "length"
+                outs[1].text = self.UNBOXED
+        return out
+
+
+def test_truncated_and_unboxed_steps_are_pruned_terminals_stamped_with_their_rollout(sandbox, grader):
+    policy = _OddEnds(depth=1, valid=3)
+    cfg = load_config("round2", overrides=["search.rollouts=4", "search.num_samples=4"])
+    [(_, tree, info)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    check_tree_invariants(tree)
+    firsts = tree.children(tree.root)
+    cut = [c for c in firsts if c.text == _OddEnds.CUT]
+    unboxed = [c for c in firsts if c.text == _OddEnds.UNBOXED]
+    assert len(cut) == 1 and cut[0].terminal == TRUNCATED and cut[0].kind == "partial"
+    assert len(unboxed) == 1 and unboxed[0].terminal == NO_ANSWER and unboxed[0].answer is None
+    for node in cut + unboxed:
+        assert (node.q, node.N, node.rollout) == (-1.0, 1, 0)  # made by the first rollout, pruned
+        assert not node.expanded
+    assert info["correct"] is True and all(a.correct for a in tree.answers())
+
+
+def test_an_ended_program_gets_answer_samples_children_and_others_num_samples(sandbox, grader):
+    cfg = load_config(
+        "round2", overrides=["search.rollouts=3", "search.num_samples=5", "search.answer_samples=2"]
+    )
+    policy = BranchingPolicy(depth=1, valid=2)
+    [(_, tree, _)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    ns: dict[str, set[int]] = {"output": set(), "step": set()}
+    for call in policy.calls:
+        for r in call:
+            ns["output" if r.prompt.endswith("<end_of_output>") else "step"].add(r.n)
+    assert ns == {"output": {2}, "step": {5}}
+    assert any(n.kind == "code_end" and n.expanded for n in tree.nodes)
+
+
+def test_two_failed_steps_in_a_row_reach_code_error_at_threshold_two(sandbox, grader):
+    # Round 1 (threshold 2): a failing first step stays open with streak 1; every step below it
+    # runs the failing code again, so its children reach streak 2 and are CODE_ERROR terminals,
+    # which closes the failed step.
+    cfg = load_config(
+        "round1",
+        overrides=[
+            "search.rollouts=4",
+            "search.num_samples=2",
+            "search.unvisited=inf",
+            "search.prompt_style=sft",
+            "search.stop_at_output=false",
+        ],
+    )
+    policy = BranchingPolicy(depth=2, valid=1, failing=1)
+    [(_, tree, _)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    check_tree_invariants(tree)
+    [failed] = [c for c in tree.children(tree.root) if "undefined" in c.text]
+    assert failed.terminal is None and failed.error_streak == 1 and failed.expanded
+    below_failed = tree.children(failed)
+    assert len(below_failed) == 2
+    assert all(c.error_streak == 2 and c.terminal == CODE_ERROR for c in below_failed)
+    assert (failed.q, failed.N) == (0.0, 0)  # nothing was backed up through it
+    # the same tree at threshold 1: the first failure is the terminal
+    cfg = load_config("round2", overrides=["search.rollouts=4", "search.num_samples=2"])
+    [(_, tree, _)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    [failed] = [c for c in tree.children(tree.root) if "undefined" in c.text]
+    assert failed.terminal == CODE_ERROR and failed.error_streak == 1 and not failed.expanded
+
+
+def test_rollout_stamps_give_evaluation_its_rollout_budgets(sandbox, grader):
+    """`rstar eval --mcts-unit rollouts` reads a budget of k rollouts as the terminals the
+    first k rollouts reached; with three programs per step every rollout finds a new answer."""
+    from rstar.evaluate import budget_held, group_by_problem, within
+
+    policy = BranchingPolicy(depth=2, valid=3, failing=1)
+    cfg = load_config("round2", overrides=["search.rollouts=6", "search.num_samples=4"])
+    [(job, tree, info)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    rec = {
+        "problem": job.problem.to_dict(),
+        "mode": "mcts",
+        "tree": tree.to_dict(),
+        "config": {"search": {"rollouts": 6}},
+    }
+    [(_, trajs)] = group_by_problem([rec], unit="rollouts").values()
+    stamped = [n for n in tree.nodes if n.rollout is not None]
+    assert stamped == [n for n in tree.nodes if n.is_terminal]  # every terminal, and only those
+    assert [t.order for t in trajs] == sorted(n.rollout for n in stamped)
+    assert sorted(a.rollout for a in tree.answers()) == list(range(6))
+    for k in range(1, 7):
+        got = within(trajs, k)
+        assert sum(t.answer is not None for t in got) == k  # one new answer per rollout
+        assert len(got) == sum(1 for n in stamped if n.rollout < k)
+    assert budget_held([rec], unit="rollouts") == 6 and budget_held([rec]) == 1
+    # per search, the one answer it settles on
+    [(_, trajs)] = group_by_problem([rec]).values()
+    assert len(trajs) == 1 and trajs[0].answer == info["answer"]
