@@ -1,7 +1,12 @@
-"""Shared test helpers: where the test data lies, and single-threaded torch for tiny models."""
+"""Shared test helpers: where the test data lies, single-threaded torch for tiny models, and
+the session-wide fixtures that several modules need (built once per run, issue 22): the tiny
+policy, the tiny policy after memorising a repeated step, a toy PPM, a sandbox pool and a
+grader."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,13 +20,72 @@ RSTAR_FORMAT = FIXTURES / "rstar_format"
 BENCHMARKS = PACKAGED_BENCHMARKS
 
 
-@pytest.fixture(scope="module")
-def torch_one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine torch's
-    spinning threads were measured 10x slower under load: run a module single-threaded."""
+@contextmanager
+def one_thread() -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine torch's
+    spinning threads were measured 10x slower under load: run a module single-threaded."""
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen2 policy (seed 0) as an HF directory. Read only: a test that
+    changes a model writes it elsewhere."""
+    from rstar.models.tiny import build_tiny_policy
+
+    with one_thread():
+        return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
+
+
+@pytest.fixture(scope="session")
+def repeat_memorised(tiny_dir: Path):
+    """(model, tokenizer): the tiny policy after memorising helpers.memorise.REPEAT_TEXT, so
+    that greedy decoding goes on with REPEAT_STEP after the header and after every step."""
+    from helpers.memorise import REPEAT_CASES, REPEAT_TEXT, memorised_model
+
+    with one_thread():
+        return memorised_model(tiny_dir, REPEAT_TEXT, REPEAT_CASES)
+
+
+@pytest.fixture(scope="session")
+def toy_ppm(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[dict]]:
+    """(directory, metrics, records) of a PPM trained ~18 steps on 48 toy pairs
+    (helpers/toy_ppm.py): it prefers a step that says `good` to one that says `bad`."""
+    from helpers.toy_ppm import TOY_CFG, toy_pairs
+    from rstar.training.reward import train_reward
+
+    out = tmp_path_factory.mktemp("ppm") / "toy"
+    recs = toy_pairs(48)
+    with one_thread():
+        metrics = train_reward(recs, tiny_dir, out, TOY_CFG, kind="ppm")
+    return out, metrics, recs
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """A sandbox pool with the defaults a search uses (2 workers, 5 s per program)."""
+    from rstar.sandbox import SandboxConfig, SandboxPool
+
+    with SandboxPool(SandboxConfig(workers=2, timeout_s=5)) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
+def grader():
+    from rstar.grading import Grader
+
+    with Grader(timeout_s=5) as g:
+        yield g

@@ -13,28 +13,20 @@ import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
-from helpers.memorise import REPEAT_CASES, memorised_model
 from helpers.memorise import REPEAT_HEADER as HEADER
 from helpers.memorise import REPEAT_STEP as STEP
-from helpers.memorise import REPEAT_TEXT as TRAIN_TEXT
 from rstar import steps
 from rstar.models.base import GenRequest
 from rstar.models.engine import PrefixCache, sample_tokens, uniforms
 from rstar.models.hf import HFPolicy
-from rstar.models.tiny import build_tiny_policy
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_dir: Path):
-    # Until greedy decoding goes on with STEP after the header and after every STEP.
-    return memorised_model(tiny_dir, TRAIN_TEXT, REPEAT_CASES)
+def trained(repeat_memorised):
+    # Greedy decoding goes on with STEP after the header and after every STEP (conftest).
+    return repeat_memorised
 
 
 def prompts() -> list[str]:
@@ -162,14 +154,6 @@ def test_prefix_cache_longest_prefix_and_lru() -> None:
 
 
 # --- searches ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    from rstar.sandbox import SandboxConfig, SandboxPool
-
-    with SandboxPool(SandboxConfig(workers=2, timeout_s=5)) as pool:
-        yield pool
 
 
 def run_search(cfg, backends, probs) -> list:

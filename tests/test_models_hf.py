@@ -15,14 +15,12 @@ import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
-from helpers.memorise import REPEAT_CASES, memorised_model
 from helpers.memorise import REPEAT_HEADER as HEADER
 from helpers.memorise import REPEAT_STEP as STEP
-from helpers.memorise import REPEAT_TEXT as TRAIN_TEXT
 from rstar import steps
 from rstar.models.base import Completion, GenRequest, Policy
 from rstar.models.hf import HFPolicy, _GeneratedStopCriteria, first_stop
-from rstar.models.tiny import ADDED_TOKENS, build_tiny_policy, default_corpus, train_tokenizer
+from rstar.models.tiny import ADDED_TOKENS, default_corpus, train_tokenizer
 
 SFT_EXAMPLES = RSTAR_FORMAT / "sft_data_examples.json"
 
@@ -31,15 +29,9 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_dir: Path):
-    """(model, tokenizer): the tiny model after memorising TRAIN_TEXT."""
-    # Until greedy decoding goes on with STEP after the header and after every STEP.
-    return memorised_model(tiny_dir, TRAIN_TEXT, REPEAT_CASES)
+def trained(repeat_memorised):
+    """(model, tokenizer): the tiny model after memorising TRAIN_TEXT (conftest)."""
+    return repeat_memorised
 
 
 # --- tokenizer -----------------------------------------------------------------------------

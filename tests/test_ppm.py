@@ -11,18 +11,17 @@ training.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
+from helpers.toy_ppm import TOY_CFG
 from rstar import RstarError, steps
 from rstar.config import TrainConfig
 from rstar.models import RewardModel
 from rstar.models.ppm import HFRewardModel, encode, load_reward_model, values_from_logits
-from rstar.models.tiny import build_tiny_policy
 from rstar.training.common import problem_key, split_held_out
 from rstar.training.reward import train_reward
 
@@ -30,53 +29,6 @@ PAIRS = RSTAR_FORMAT / "ppm_pair_examples.json"
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
-
-
-def toy_pairs(n: int, seed: int = 0) -> list[dict]:
-    """Separable step pairs: the positive step says `good`, the negative `bad`; the rest is noise."""
-    rng = random.Random(seed)
-    recs = []
-    for i in range(n):
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        head = (
-            f"\n{steps.ASSISTANT_HEADER}{steps.CODE_OPEN}\n# Step 1: add\nx = {a} + {b}\n{steps.END_OF_STEP}"
-        )
-        recs.append(
-            {
-                "prompt": steps.ppm_prompt(f"Problem {i}: what is {a} + {b} times {rng.randint(2, 9)}?"),
-                "pos": head + f"\n\n# Step 2: good\ny = x * {a}\n{steps.END_OF_STEP}",
-                "neg": head + f"\n\n# Step 2: bad\ny = x * {b}\n{steps.END_OF_STEP}",
-                "pos_count": 2,
-                "neg_count": 2,
-            }
-        )
-    return recs
-
-
-TOY_CFG = TrainConfig(
-    learning_rate=3e-3,
-    epochs=3,
-    batch_size=8,
-    micro_batch_size=8,
-    max_length=256,
-    warmup_ratio=0.0,
-    eval_fraction=0.25,
-    logging_steps=5,
-)
-
-
-@pytest.fixture(scope="module")
-def toy_ppm(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[dict]]:
-    """(directory, metrics, records) of a PPM trained ~18 steps on 48 toy pairs."""
-    out = tmp_path_factory.mktemp("ppm") / "toy"
-    recs = toy_pairs(48)
-    metrics = train_reward(recs, tiny_dir, out, TOY_CFG, kind="ppm")
-    return out, metrics, recs
 
 
 # --- training ------------------------------------------------------------------------------
@@ -88,7 +40,15 @@ def test_train_on_example_pairs_reports_heldout_accuracy(tiny_dir: Path, tmp_pat
     metrics = train_reward(PAIRS, tiny_dir, out, cfg, kind="ppm", max_steps=2)
     assert metrics["steps"] == 2
     assert metrics["eval_records"] >= 1 and metrics["train_records"] >= 1
-    assert 0.0 <= metrics["heldout_accuracy"] <= 1.0
+    # The reported accuracy is the loaded model's ranking of the held-out pairs (two steps from
+    # a zero head rank nothing reliably, so the number itself is not pinned).
+    recs = json.loads(PAIRS.read_text())
+    _, held = split_held_out(recs, cfg.eval_fraction, cfg.seed, key=lambda r: problem_key(r["prompt"]))
+    assert len(held) == metrics["eval_records"]
+    scorer = load_reward_model(out, device="cpu")
+    pos = scorer.score([r["prompt"] for r in held], [r["pos"] for r in held])
+    neg = scorer.score([r["prompt"] for r in held], [r["neg"] for r in held])
+    assert metrics["heldout_accuracy"] == pytest.approx(sum(p > n for p, n in zip(pos, neg)) / len(held))
     assert json.loads((out / "metrics.json").read_text())["heldout_accuracy"] == metrics["heldout_accuracy"]
     # One self-describing directory: weights (head included) and config, no side file.
     config = json.loads((out / "config.json").read_text())
@@ -182,7 +142,53 @@ def test_load_reward_through_model_config(toy_ppm: tuple[Path, dict, list[dict]]
 
     out, _, _ = toy_ppm
     rm = load_reward(ModelConfig(ppm=str(out), device="cpu", max_batch_size=4))
-    assert rm is not None and rm.max_batch_size == 4
-    (v,) = rm.score([steps.ppm_prompt("Problem 0: x?")], ["\n\n# Step 2: good\ny = 1\n<end_of_step>"])
-    assert -1.0 <= v <= 1.0
+    batches: list[int] = []
+    forward = rm.model.forward
+    rm.model.forward = lambda input_ids, **kw: batches.append(len(input_ids)) or forward(input_ids, **kw)
+    prompt = steps.ppm_prompt("Problem 0: what is 3 + 4 times 2?") + f"\n{steps.ASSISTANT_HEADER}"
+    good = "<code>\n# Step 2: good\ny = 1\n<end_of_step>"
+    bad = "<code>\n# Step 2: bad\ny = 1\n<end_of_step>"
+    values = rm.score([prompt] * 9, [good, bad] * 4 + [good])
+    assert batches == [4, 4, 1]  # max_batch_size reached the model
+    assert values[0] > values[1]  # the trained model, not a fresh head
+    direct = load_reward_model(out, device="cpu").score([prompt, prompt], [good, bad])
+    assert values[:2] == pytest.approx(direct, abs=1e-5)
     assert load_reward(ModelConfig(ppm="")) is None
+
+
+def test_a_step_longer_than_max_length_keeps_its_end(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
+    """A step alone longer than the limit: its own beginning is cut, its last tokens (which the
+    head reads) stay, and the value is that of the kept tokens."""
+    out, _, recs = toy_ppm
+    rm = HFRewardModel(out, device="cpu", max_length=32)
+    step = "<code>\n" + "".join(f"# filler line {i}\n" for i in range(40)) + "# Step 2: good\n<end_of_step>"
+    step_ids = rm.tokenizer(step, add_special_tokens=False)["input_ids"]
+    assert len(step_ids) > 2 * rm.max_length
+    ids = encode(rm.tokenizer, recs[0]["prompt"] + step, rm.max_length)
+    assert ids == step_ids[-rm.max_length :]
+    (v,) = rm.score([recs[0]["prompt"]], [step])
+    (w,) = rm.score(["another prompt entirely"], [step])
+    assert v == pytest.approx(w, abs=1e-5)
+    assert rm.score_texts([rm.tokenizer.decode(ids)])[0] == pytest.approx(v, abs=1e-5)
+    assert rm.texts_scored == 3 and rm.calls == 3 and rm.tokens_scored == 3 * rm.max_length
+
+
+def test_encode_keeps_a_leading_bos(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
+    """For tokenizers that add a BOS (Qwen's does not), the cut keeps it in front."""
+
+    class WithBos:
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True, verbose=False):
+            return {"input_ids": [1] + [10 + i for i in range(len(text))]}
+
+    assert encode(WithBos(), "abcdef", 4) == [1, 13, 14, 15]
+    assert encode(WithBos(), "ab", 4) == [1, 10, 11]
+    assert encode(WithBos(), "abc", 4) == [1, 10, 11, 12]
+
+
+def test_prefixes_and_steps_must_pair_up(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
+    rm = load_reward_model(toy_ppm[0], device="cpu")
+    with pytest.raises(ValueError, match="2 prefixes but 1 steps"):
+        rm.score(["a", "b"], ["c"])
+    assert rm.calls == 0

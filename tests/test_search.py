@@ -6,31 +6,18 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 
 from rstar.config import load_config
 from rstar.data.problems import Problem
-from rstar.grading import Grader
-from rstar.sandbox import SandboxConfig, SandboxPool
 from rstar.search.expand import best_answer_node, derive_seed
 from rstar.search.run import generate
 from rstar.search.scheduler import Backends, Job, run_jobs
 from rstar.search.tree import ANSWER, CODE_ERROR, NO_ANSWER, TOO_DEEP, TRUNCATED, Tree, select_child, uct
 from rstar.search.treefile import iter_records
-from scripted import BranchingPolicy, ScriptedPolicy, ScriptedReward, TableReward
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    with SandboxPool(SandboxConfig(workers=2, timeout_s=5)) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def grader():
-    with Grader(timeout_s=5) as g:
-        yield g
+from scripted import ANSWER_STEP, BranchingPolicy, ScriptedPolicy, ScriptedReward, TableReward, numbers
 
 
 def problems(k: int) -> list[Problem]:
@@ -509,3 +496,65 @@ def test_rollout_stamps_give_evaluation_its_rollout_budgets(sandbox, grader):
     # per search, the one answer it settles on
     [(_, trajs)] = group_by_problem([rec]).values()
     assert len(trajs) == 1 and trajs[0].answer == info["answer"]
+
+
+# --- a real (toy) PPM drives the search -------------------------------------------------------
+
+
+class GoodBadPolicy(BranchingPolicy):
+    """Step 1 adds; at step 2 three candidates say `good` and keep the sum, three say `bad` and
+    double it; then y is printed and copied into the answer. The toy PPM of conftest learned
+    to prefer `good` steps (in this very format), knowing nothing of the sums."""
+
+    def _candidates(self, prompt: str) -> tuple[list[str], list[str]]:
+        a, b = numbers(prompt)
+        tail = prompt.rsplit("Let's think step by step and solve the problem with code.", 1)[1]
+        if "<end_of_output>" in tail:
+            out = re.findall(r"<output>(.*?)<end_of_output>", tail, re.S)[-1].strip()
+            return [ANSWER_STEP.format(out=out)], []
+        k = tail.count("<end_of_step>")
+        if k == 0:
+            return [f"<code>\n# Step 1: add\nx = {a} + {b}\n<end_of_step>"], []
+        if k == 1:
+            good = [f"\n\n# Step 2: good\ny = x * 1 + {j} * 0\n<end_of_step>" for j in range(3)]
+            bad = [f"\n\n# Step 2: bad\ny = x * 2 + {j} * 0\n<end_of_step>" for j in range(3)]
+            return good + bad, []
+        return ["\n\n# Now print the final answer\nprint(y)\n<end_of_code>"], []
+
+
+@pytest.fixture(scope="module")
+def toy_reward(toy_ppm, torch_one_thread):
+    from rstar.models.ppm import load_reward_model
+
+    return load_reward_model(toy_ppm[0], device="cpu")
+
+
+def test_a_real_ppm_steers_inference_mcts(sandbox, grader, toy_reward):
+    cfg = load_config("eval", overrides=["search.rollouts=3", "search.num_samples=6"])
+    backends = Backends(policy=GoodBadPolicy(), sandbox=sandbox, grader=grader, reward=toy_reward)
+    for _, tree, _ in search(cfg, backends, problems(3)):
+        check_tree_invariants(tree, ppm_init=True)
+        second = [n for n in tree.nodes if n.depth == 2]
+        good = [n for n in second if "good" in n.text]
+        bad = [n for n in second if "bad" in n.text]
+        assert len(good) == len(bad) == 3
+        assert min(n.value for n in good) > max(n.value for n in bad)  # the PPM's own ranking
+        # unvisited siblings are ranked by their PPM values: every rollout takes a good step
+        # (each has a visit of its own, so the best is revisited only if it stays the best)
+        for a in tree.answers():
+            assert "good" in tree.path(a)[1].text and a.correct, a
+        assert all(n.N == 1 for n in bad)  # the PPM initialisation, nothing backed up
+
+
+def test_a_real_ppm_ranks_the_beam(sandbox, grader, toy_reward):
+    cfg = load_config("eval", overrides=["search.mode=beam", "search.beam_width=2", "search.num_samples=6"])
+    backends = Backends(policy=GoodBadPolicy(), sandbox=sandbox, grader=grader, reward=toy_reward)
+    for job, tree, info in search(cfg, backends, problems(3)):
+        check_structure(tree)
+        second = [n for n in tree.nodes if n.depth == 2]
+        expanded = [n for n in second if n.expanded]
+        assert len(second) == 6 and len(expanded) == 2  # the width
+        top2 = sorted(second, key=lambda n: n.value, reverse=True)[:2]
+        assert expanded == sorted(top2, key=lambda n: n.id)  # chosen by the PPM's values ...
+        assert all("good" in n.text for n in expanded)  # ... which prefer the good steps
+        assert len(tree.answers()) == 2 and info["correct"] is True and info["answer"] == job.problem.answer

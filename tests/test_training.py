@@ -33,11 +33,6 @@ FAST = dict(learning_rate=1e-3, batch_size=2, micro_batch_size=2, max_length=384
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
-
-
 # --- SFT -----------------------------------------------------------------------------------
 
 
@@ -48,8 +43,18 @@ def test_sft_on_example_data_gives_a_working_policy(tiny_dir: Path, tmp_path: Pa
     metrics = train_sft(SFT_EXAMPLES, tiny_dir, out, TrainConfig(**FAST, eval_fraction=0.25), max_steps=3)
     assert metrics["steps"] == 3 and metrics["added_tokens"] == []
     assert metrics["eval_examples"] == 2 and metrics["train_examples"] == 6
-    assert metrics["eval_loss"] > 0 and metrics["train_loss"] > 0
     assert json.loads((out / "metrics.json").read_text())["eval_loss"] == metrics["eval_loss"]
+    # The saved weights are the trained ones: their completion loss on the training examples is
+    # below the base model's (three Adam steps over all six; no loss value is pinned).
+    from transformers import AutoModelForCausalLM
+
+    records = load_records(SFT_EXAMPLES, SFT_FIELDS)
+    trainer, _, _ = build_sft_trainer(records, [], tiny_dir, tmp_path / "base", TrainConfig(**FAST))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    with torch.no_grad():
+        base = completion_loss(trainer.model, batch).item()
+        trained = completion_loss(AutoModelForCausalLM.from_pretrained(out), batch).item()
+    assert trained < base, (trained, base)
 
     policy = HFPolicy(out, device="cpu")
     (outs,) = policy.generate(
@@ -175,26 +180,40 @@ def _solution(a: int, b: int, answer: int) -> str:
 
 
 def test_orm_trains_on_whole_solution_pairs(tiny_dir: Path, tmp_path: Path) -> None:
+    # Separable whole solutions: the chosen one says "The answer is", the rejected one "I guess"
+    # (and its answer is off). Trained in rounds of a few epochs until the held-out pairs are
+    # ranked well above chance, with a cap.
     rng = random.Random(0)
     recs = []
-    for i in range(8):
+    for i in range(32):
         a, b = rng.randint(2, 50), rng.randint(2, 50)
         recs.append(
             {
                 "prompt": steps.ppm_prompt(f"Problem {i}: what is {a} + {b}?"),
                 "pos": _solution(a, b, a + b),
-                "neg": _solution(a, b, a + b + rng.randint(1, 9)),
+                "neg": _solution(a, b, a + b + rng.randint(1, 9)).replace("The answer is", "I guess"),
             }
         )
-    out = tmp_path / "orm"
-    metrics = train_reward(
-        recs, tiny_dir, out, TrainConfig(**FAST, eval_fraction=0.25), kind="orm", max_steps=2
-    )
-    assert metrics["kind"] == "orm" and 0.0 <= metrics["heldout_accuracy"] <= 1.0
+    for epochs in (3, 6, 12):
+        out = tmp_path / f"orm{epochs}"
+        cfg = TrainConfig(
+            learning_rate=3e-3,
+            epochs=epochs,
+            batch_size=8,
+            micro_batch_size=8,
+            max_length=256,
+            warmup_ratio=0.0,
+            eval_fraction=0.25,
+        )
+        metrics = train_reward(recs, tiny_dir, out, cfg, kind="orm")
+        if metrics["heldout_accuracy"] >= 0.875:
+            break
+    assert metrics["kind"] == "orm" and metrics["eval_records"] == 8
+    assert metrics["heldout_accuracy"] >= 0.875, metrics  # chance is 0.5
     rm = load_reward_model(out)
     assert rm.kind == "orm"
-    (v,) = rm.score([recs[0]["prompt"]], [recs[0]["pos"]])
-    assert -1.0 <= v <= 1.0
+    pos, neg = rm.score([recs[0]["prompt"]] * 2, [recs[0]["pos"], recs[0]["neg"]])
+    assert pos > neg
 
     # Step-level pairs are not whole solutions: refused, naming the file, record and field.
     with pytest.raises(RstarError, match=r"ppm_pair_examples\.json: record 3: field 'pos'"):
@@ -303,7 +322,21 @@ def test_cli_flags_map_to_the_config_section(tiny_dir: Path, tmp_path: Path) -> 
     )
     cfg = train_config(args)
     assert cfg.learning_rate == 1e-4 and cfg.epochs == 3
-    assert args.kind == "pqm"
+    # --kind reaches the trained directory
+    pairs = tmp_path / "orm.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": steps.ppm_prompt(f"Problem {i}: 2 + {i}?"), "pos": p, "neg": n}) + "\n"
+            for i in range(4)
+            for p, n in [(_solution(2, i, 2 + i), _solution(2, i, 3 + i))]
+        )
+    )
+    argv = ["train", "ppm", str(pairs), "--model", str(tiny_dir), "--out", str(tmp_path / "orm")]
+    assert (
+        main([*argv, "--kind", "orm", "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2"])
+        == 0
+    )
+    assert json.loads((tmp_path / "orm" / "config.json").read_text())["rstar_reward"]["kind"] == "orm"
     args = parser.parse_args(["sft", "d.json", "--model", "m", "--out", "o", "--batch-size", "16"])
     assert train_config(args).batch_size == 16
 
