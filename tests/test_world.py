@@ -7,8 +7,6 @@ import json
 import random
 import re
 import statistics
-import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
@@ -39,24 +37,12 @@ def by_level(problems: list[Problem]) -> dict[str, list[Problem]]:
     return out
 
 
-def run_programs(programs: list[str]) -> list[str]:
-    """stdout of each program, each exec'd in a fresh namespace in one child Python (the
-    world's code is plain arithmetic; a child process keeps it out of the test process)."""
-    child = (
-        "import contextlib, io, json, sys\n"
-        "outs = []\n"
-        "for src in json.load(sys.stdin):\n"
-        "    buf = io.StringIO()\n"
-        "    with contextlib.redirect_stdout(buf):\n"
-        "        exec(src, {})\n"
-        "    outs.append(buf.getvalue())\n"
-        "print(json.dumps(outs))\n"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", child], input=json.dumps(programs), capture_output=True, text=True, timeout=60
-    )
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+def run_programs(sandbox, programs: list[str]) -> list[str]:
+    """stdout of each program, run in the project's sandbox as a search runs a trajectory."""
+    results = sandbox.run_many(programs)
+    for src, r in zip(programs, results):
+        assert r.ok, (r, src)
+    return [r.stdout for r in results]
 
 
 def test_deterministic_by_seed():
@@ -92,7 +78,7 @@ def test_splits_disjoint_and_well_formed(train, test_split):
     assert not {p.question for p in train} & {p.question for p in other}
 
 
-def test_reference_solutions_are_step_format_and_execute(train, test_split):
+def test_reference_solutions_are_step_format_and_execute(train, test_split, sandbox):
     sample = [p for ps in by_level(train).values() for p in ps[:N_CHECK]]
     sample += [p for ps in by_level(test_split).values() for p in ps[: N_CHECK // 4]]
     programs = []
@@ -114,17 +100,17 @@ def test_reference_solutions_are_step_format_and_execute(train, test_split):
         assert steps.extract_boxed(sol) == p.answer
         assert 2 <= int(p.answer) <= CFG.max_value
         programs.append(steps.program(parts))
-    outputs = run_programs(programs)
+    outputs = run_programs(sandbox, programs)
     for p, out in zip(sample, outputs):
         assert out == p.answer + "\n", (p.id, p.question, out)
 
 
-def test_every_step_of_the_program_runs_on_its_own_prefix(train):
+def test_every_step_of_the_program_runs_on_its_own_prefix(train, sandbox):
     # The search executes the code of all steps so far after every step: each prefix of a
     # reference solution must be a valid program too.
     p = by_level(train)["4"][0]
     parts = steps.split_steps(p.meta["solution"])
-    outs = run_programs([steps.program(parts[:i]) for i in range(1, len(parts))])
+    outs = run_programs(sandbox, [steps.program(parts[:i]) for i in range(1, len(parts))])
     assert outs[:-1] == [""] * (len(parts) - 2) and outs[-1] == p.answer + "\n"
 
 
