@@ -112,7 +112,9 @@ def test_ray_output_equals_a_single_machine_run(ray_address, tmp_path):
     assert stats.done == 8 and stats.deaths == 0 and stats.duplicates == 0 and stats.actors == 2
     final = seen[-1]
     assert final.done == 8 and final.ready == 2
-    assert all(a.done > 0 for a in final.actors)  # both actors took a share
+    # Both actors started and served; between them they did every job. (Which one takes how
+    # many is up to timing: a fast first actor may take them all.)
+    assert len(final.actors) == 2 and sum(a.done for a in final.actors) == 8
     assert json.loads((tmp_path / "ray" / "run.json").read_text())["ray"]["actors"] == 2
 
 
@@ -153,8 +155,11 @@ def test_cli_generate_and_eval_with_the_tiny_model(ray_address, tmp_path):
         rec = json.loads(line)
         assert set(rec) >= {"key", "problem", "search_index", "seed", "mode", "answer", "correct", "stats"}
         assert rec["config"]["model"]["policy"] == str(model.resolve())
-        assert Tree.from_dict(rec["tree"]).to_dict() == rec["tree"]
-        assert len(rec["tree"]["nodes"]) > 1
+        tree = Tree.from_dict(rec["tree"])
+        assert tree.to_dict() == rec["tree"]
+        # the search ran: the root was expanded with at most search.num_samples=2 children
+        assert tree.root.expanded and 1 <= len(tree.root.children) <= 2
+        assert all(n.parent is not None and n.id in tree.nodes[n.parent].children for n in tree.nodes[1:])
 
     rc = main(
         [
