@@ -1,0 +1,230 @@
+"""The stages of `rstar evolve` one at a time, with the scripted policy or recording stand-ins
+for training (issue 22): round 4's passes over unsolved problems (`extra*/`), the fallback of a
+PPM-initialised round that has no PPM yet, which rounds' pairs a PPM trains on
+(`ppm_pair_rounds`), where each round's policy starts (`sft_init`), and a PPM carried forward
+past a round that trained none."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from rstar import evolve
+from rstar.config import load_config
+from rstar.data.problems import Problem
+from rstar.search.scheduler import Backends
+from rstar.search.treefile import iter_records
+from scripted import BranchingPolicy, TableReward, numbers
+
+
+class OddFails(BranchingPolicy):
+    """Right (it can add) when A is even; when A is odd it only subtracts, so those problems
+    stay unsolved however long the search."""
+
+    def _candidates(self, prompt):
+        runs, fails = super()._candidates(prompt)
+        if numbers(prompt)[0] % 2:
+            runs = [r for r in runs if " - " in r] or runs
+        return runs, fails
+
+
+def problems() -> list[Problem]:
+    pairs = [(12, 30), (13, 30), (20, 41), (27, 11), (40, 2), (55, 5)]
+    return [
+        Problem(id=f"add:{i}", question=f"What is {a} + {b}?", answer=str(a + b))
+        for i, (a, b) in enumerate(pairs)
+    ]
+
+
+def quick(**evolve_fields):
+    cfg = load_config("quick")
+    rounds = [
+        {"preset": "round2", "rollouts": 2, "num_samples": 3},
+        {"preset": "round2", "rollouts": 2, "num_samples": 3},
+        {"preset": "round3", "rollouts": 2, "num_samples": 3},
+        {"preset": "round4", "rollouts": 2, "num_samples": 3},
+    ]
+    return dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, rounds=rounds, **evolve_fields))
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    evolve.write_problems(tmp_path / "problems" / "train.jsonl", problems())
+    return tmp_path
+
+
+@pytest.fixture
+def backends_seen(monkeypatch, sandbox, grader):
+    """Replaces open_backends: records the config each stage opens its models with and hands
+    out the scripted policy (and a constant reward model where a PPM is named)."""
+    seen = []
+
+    @contextlib.contextmanager
+    def fake(cfg, policy=None, reward=None, need_grader=True):
+        seen.append(cfg)
+        yield Backends(
+            policy=OddFails(depth=1, valid=1, wrong=1),
+            sandbox=sandbox,
+            grader=grader,
+            reward=TableReward(default=0.1) if cfg.model.ppm else None,
+        )
+
+    monkeypatch.setattr("rstar.search.jobs.open_backends", fake)
+    return seen
+
+
+def keys(path: Path) -> list[str]:
+    return sorted(r["key"] for r in iter_records(path))
+
+
+def test_round4_searches_unsolved_problems_again_in_extra_passes(run_dir, backends_seen):
+    cfg = quick(unsolved_rollouts=[3, 2], unsolved_seeds=2)
+    evolve.generate_round(cfg, run_dir, 4, "policy-r3", "")
+    odd = [p.id for p in problems() if numbers(p.question)[0] % 2]
+    even = [p.id for p in problems() if p.id not in odd]
+    recs = list(iter_records(run_dir / "round4" / "trees.jsonl"))
+    assert sorted(r["key"] for r in recs) == sorted(f"{p.id}#0" for p in problems())
+    assert {r["problem"]["id"] for r in recs if r["correct"]} == set(even)
+    # each pass: the problems still unsolved, unsolved_seeds trees each, its own rollouts and seed
+    base_seed = evolve.round_search(cfg, 4).search.seed
+    for i, rollouts in enumerate([3, 2], start=1):
+        extra = list(iter_records(run_dir / "round4" / f"extra{i}" / "trees.jsonl"))
+        assert sorted(r["key"] for r in extra) == sorted(f"{pid}#{k}" for pid in odd for k in (0, 1))
+        assert all(r["config"]["search"]["rollouts"] == rollouts for r in extra)
+        assert all(r["config"]["search"]["seed"] == base_seed + i for r in extra)
+        assert not any(r["correct"] for r in extra)
+    assert not (run_dir / "round4" / "extra3").exists()
+    # the run's records, as extract reads them, include the passes
+    from rstar.search.treefile import run_records
+
+    assert len(list(run_records(run_dir / "round4"))) == len(problems()) + 2 * 2 * len(odd)
+
+
+def test_no_extra_pass_once_everything_is_solved(run_dir, backends_seen):
+    evolve.write_problems(
+        run_dir / "problems" / "train.jsonl", [p for p in problems() if numbers(p.question)[0] % 2 == 0]
+    )
+    evolve.generate_round(quick(unsolved_rollouts=[3, 2]), run_dir, 4, "policy-r3", "")
+    assert not (run_dir / "round4" / "extra1").exists()
+
+
+def test_a_ppm_round_without_a_ppm_searches_terminal_guided(run_dir, backends_seen):
+    cfg = quick()
+    assert evolve.round_search(cfg, 3).search.ppm_init  # round 3's preset initialises q by the PPM
+    evolve.generate_round(cfg, run_dir, 3, "policy-r2", "")
+    [used] = backends_seen
+    assert not used.search.ppm_init and used.model.ppm == "" and used.model.policy == "policy-r2"
+    # with a PPM it is used, and every node of the trees carries its value
+    (run_dir / "with" / "problems").mkdir(parents=True)
+    evolve.write_problems(run_dir / "with" / "problems" / "train.jsonl", problems()[:2])
+    evolve.generate_round(cfg, run_dir / "with", 3, "policy-r2", "models/ppm_r2")
+    used = backends_seen[-1]
+    assert used.search.ppm_init and used.model.ppm == "models/ppm_r2"
+    for rec in iter_records(run_dir / "with" / "round3" / "trees.jsonl"):
+        assert all(n["value"] == 0.1 for n in rec["tree"]["nodes"][1:])
+    # a round whose preset does not use a PPM is not given one
+    evolve.generate_round(cfg, run_dir / "with", 2, "policy-r1", "models/ppm_r1")
+    assert backends_seen[-1].model.ppm == ""
+
+
+@pytest.fixture
+def training_calls(monkeypatch):
+    calls: dict[str, list] = {"sft": [], "ppm": []}
+
+    def sft(data, init, out, cfg, **kw):
+        calls["sft"].append((Path(data).name, str(init), Path(out).name))
+        return {"train_loss": 1.0, "steps": 1}
+
+    def reward(pairs, init, out, cfg, kind="ppm", **kw):
+        calls["ppm"].append(([p["prompt"] for p in pairs], Path(init).name, Path(out).name, kind))
+        return {"heldout_accuracy": 1.0, "eval_records": 1, "steps": 1}
+
+    monkeypatch.setattr("rstar.training.sft.train_sft", sft)
+    monkeypatch.setattr("rstar.training.reward.train_reward", reward)
+    return calls
+
+
+def write_pairs(run: Path, per_round: dict[int, int]) -> None:
+    for q, n in per_round.items():
+        (run / f"round{q}").mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt": f"r{q}p{i}", "pos": "a", "neg": "b"} for i in range(n)]
+        (run / f"round{q}" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize(
+    "rounds, want",
+    [(1, ["r4p0", "r4p1"]), (2, ["r3p0", "r4p0", "r4p1"]), (0, ["r1p0", "r3p0", "r4p0", "r4p1"])],
+)
+def test_the_ppm_trains_on_the_pairs_of_ppm_pair_rounds_rounds(tmp_path, training_calls, rounds, want):
+    write_pairs(tmp_path, {1: 1, 2: 0, 3: 1, 4: 2})
+    out = evolve.train_round(quick(ppm_pair_rounds=rounds), tmp_path, 4, "base-dir", "models/policy_r3")
+    [(prompts, init, dest, kind)] = training_calls["ppm"]
+    assert prompts == want and out["ppm"]["pairs"] == len(want)
+    # the PPM starts from this round's fine-tuned policy
+    assert (init, dest, kind) == ("policy_r4", "ppm_r4", "ppm")
+
+
+def test_no_pairs_no_ppm(tmp_path, training_calls):
+    write_pairs(tmp_path, {1: 3, 2: 0})
+    out = evolve.train_round(
+        quick(ppm_pair_rounds=1, sft_init="base"), tmp_path, 2, "base-dir", "models/policy_r1"
+    )
+    assert out["ppm"] == {"skipped": "no preference pairs"} and training_calls["ppm"] == []
+    assert training_calls["sft"] == [("sft.jsonl", "base-dir", "policy_r2")]
+
+
+@pytest.mark.parametrize("sft_init, want", [("base", "base-dir"), ("previous", "models/policy_r2")])
+def test_each_round_fine_tunes_from_sft_init(tmp_path, training_calls, sft_init, want):
+    write_pairs(tmp_path, {1: 1, 2: 1, 3: 1})
+    evolve.train_round(quick(sft_init=sft_init), tmp_path, 3, "base-dir", "models/policy_r2")
+    assert training_calls["sft"] == [("sft.jsonl", want, "policy_r3")]
+
+
+def test_a_round_without_a_ppm_leaves_the_previous_one_in_use(tmp_path, monkeypatch):
+    """The loop: each round searches with the last PPM trained (none before round 2), and its
+    policy is the previous round's; a round that trains no PPM keeps the one before."""
+    calls = []
+    run = tmp_path / "run"
+
+    def stage(name):
+        def fn(cfg, run_, r, *args):
+            calls.append((name, r, *[Path(a).name if a else a for a in args]))
+            if name == "train":
+                return {"ppm": {"skipped": "no preference pairs"} if r in (1, 3) else {"pairs": 1}}
+            return {}
+
+        return fn
+
+    for name in ("generate", "extract", "train"):
+        monkeypatch.setattr(evolve, f"{name}_round", stage(name))
+    monkeypatch.setattr(evolve, "evaluate_round", stage("eval"))
+    monkeypatch.setattr(evolve, "prepare_problems", lambda cfg, run_: {})
+    monkeypatch.setattr("rstar.report.write_report", lambda *a, **k: {})
+    cfg = quick(base_policy=str(tmp_path / "base"), run_dir=str(run), compare_size="")
+    evolve.evolve(cfg)
+    gen = [c for c in calls if c[0] == "generate"]
+    assert gen == [
+        ("generate", 1, "base", ""),
+        ("generate", 2, "policy_r1", ""),  # round 1 trained no PPM
+        ("generate", 3, "policy_r2", "ppm_r2"),
+        ("generate", 4, "policy_r3", "ppm_r2"),  # round 3 trained none: round 2's carries on
+    ]
+    evals = [c for c in calls if c[0] == "eval"]
+    assert evals[0] == ("eval", 0, "base", "")
+    assert evals[1:] == [
+        ("eval", 1, "policy_r1", ""),
+        ("eval", 2, "policy_r2", "ppm_r2"),
+        ("eval", 3, "policy_r3", "ppm_r2"),
+        ("eval", 4, "policy_r4", "ppm_r4"),
+    ]
+    trains = [c for c in calls if c[0] == "train"]
+    assert [c[2:] for c in trains] == [
+        ("base", "base"),
+        ("base", "policy_r1"),
+        ("base", "policy_r2"),
+        ("base", "policy_r3"),
+    ]
