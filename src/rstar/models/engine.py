@@ -39,6 +39,7 @@ what it was batched with (HF `generate` draws from one generator per batch).
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -233,14 +234,13 @@ class _Prefill:
 @dataclass
 class _Decode:
     engine: _Batch
-    rows: torch.Tensor  # (B,) live row slots
-    groups: torch.Tensor  # (B,) their group slots
+    groups: torch.Tensor  # (B,) live rows' group slots
+    js: torch.Tensor  # (B,) and sample slots within the group
     spos: torch.Tensor  # (B,) where each row's new token goes in its suffix KV
     G: int  # group slots in use (0..G-1)
-    P: int  # longest live prompt
-    S: int  # longest live suffix, this token included
-    gbias: torch.Tensor  # (B, P) 0 / -inf over the group KV
-    sbias: torch.Tensor  # (B, S) 0 / -inf over the suffix KV
+    P: int  # the longest live prompt
+    gbias: torch.Tensor  # (G, 1, 1, P) 0 / -inf over the group KV
+    sbias: torch.Tensor  # (G, 1, W, 1, S) 0 / -inf over the suffix KV
 
 
 def _engine_attention(
@@ -293,7 +293,13 @@ class _Item:
 
 
 class _Batch:
-    """The KV buffers of one `generate` call, grown as needed."""
+    """The KV buffers of one `generate` call, grown as needed.
+
+    gk/gv: per layer (G, Hkv, P, D), group g's prompt KV in [:, :, :glen[g]];
+    sk/sv: per layer (G, Hkv, W, S, D), the KV of the tokens that sample j of group g generated.
+    P is the allocated prompt length, not the longest live one: a slice along it would make
+    the group KV non-contiguous and every matmul would copy it.
+    """
 
     def __init__(self, engine: DecodeEngine, width: int, S: int) -> None:
         self.e = engine
@@ -304,8 +310,8 @@ class _Batch:
         L, H, D, dt = engine.n_layers, engine.n_kv, engine.head_dim, engine.dtype
         self.gk = [torch.zeros(0, H, 0, D, dtype=dt) for _ in range(L)]
         self.gv = [torch.zeros(0, H, 0, D, dtype=dt) for _ in range(L)]
-        self.sk = [torch.zeros(0, H, S, D, dtype=dt) for _ in range(L)]
-        self.sv = [torch.zeros(0, H, S, D, dtype=dt) for _ in range(L)]
+        self.sk = [torch.zeros(0, H, width, S, D, dtype=dt) for _ in range(L)]
+        self.sv = [torch.zeros(0, H, width, S, D, dtype=dt) for _ in range(L)]
         self.glen = torch.zeros(0, dtype=torch.long)
 
     def ensure(self, groups: int, plen: int) -> None:
@@ -323,8 +329,8 @@ class _Batch:
                 lst[i] = y
         for lst in (self.sk, self.sv):
             for i, x in enumerate(lst):
-                y = torch.zeros(G * self.W, e.n_kv, self.S, e.head_dim, dtype=e.dtype)
-                y[: self.G * self.W] = x
+                y = torch.zeros(G, e.n_kv, self.W, self.S, e.head_dim, dtype=e.dtype)
+                y[: self.G] = x
                 lst[i] = y
         glen = torch.zeros(G, dtype=torch.long)
         glen[: self.G] = self.glen
@@ -333,35 +339,32 @@ class _Batch:
     def decode_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st: _Decode, scale: float
     ) -> torch.Tensor:
-        """q (B, H, 1, D), k/v (B, Hkv, 1, D) for one new token per live row -> (B, 1, H, D)."""
+        """q (B, H, 1, D), k/v (B, Hkv, 1, D) for one new token per live row -> (B, 1, H, D).
+
+        Computed in slot space (G groups x W samples; dead slots compute garbage that is never
+        read), with the softmax written out over its two parts, so that neither the group KV
+        nor the scores are copied: scores (G, Hkv, W*rep, P) against the group KV, read once
+        per group, and (G, Hkv, W, rep, S) against each sample's own tokens."""
         B, H, _, D = q.shape
-        Hkv, W, G, P, S = k.shape[1], self.W, st.G, st.P, st.S
+        Hkv, W, G, P = k.shape[1], self.W, st.G, st.P
         rep = H // Hkv
-        sk, sv = self.sk[layer], self.sv[layer]
-        sk[st.rows, :, st.spos] = k[:, :, 0]
-        sv[st.rows, :, st.spos] = v[:, :, 0]
-        q4 = q.reshape(B, Hkv, rep, D)
-        # Group part: each group's prompt KV is read once for all its rows.
-        qs = q.new_zeros(G * W, Hkv, rep, D)
-        qs[st.rows] = q4
-        qg = qs.view(G, W, Hkv, rep, D).transpose(1, 2).reshape(G, Hkv, W * rep, D)
+        g, j = st.groups, st.js
+        sk, sv = self.sk[layer][:G], self.sv[layer][:G]
+        sk[g, :, j, st.spos] = k[:, :, 0]
+        sv[g, :, j, st.spos] = v[:, :, 0]
+        qs = q.new_zeros(G, Hkv, W, rep, D)
+        qs[g, :, j] = q.reshape(B, Hkv, rep, D)
+        # (slicing P keeps each (P, D) matrix contiguous: matmul does not copy it)
         gk, gv = self.gk[layer][:G, :, :P], self.gv[layer][:G, :, :P]
-        sg = torch.matmul(qg, gk.transpose(-1, -2))  # (G, Hkv, W*rep, P)
-        sg = sg.view(G, Hkv, W, rep, P).transpose(1, 2).reshape(G * W, Hkv, rep, P)[st.rows]
-        # Suffix part: each row's own generated tokens.
-        rk, rv = sk[st.rows, :, :S], sv[st.rows, :, :S]  # (B, Hkv, S, D)
-        ss = torch.matmul(q4, rk.transpose(-1, -2))  # (B, Hkv, rep, S)
-        scores = torch.cat([sg, ss], dim=-1) * scale
-        scores = scores + torch.cat([st.gbias, st.sbias], dim=-1)[:, None, None, :]
-        w = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        wg, ws = w[..., :P], w[..., P:]
-        wgs = w.new_zeros(G * W, Hkv, rep, P)
-        wgs[st.rows] = wg
-        wgs = wgs.view(G, W, Hkv, rep, P).transpose(1, 2).reshape(G, Hkv, W * rep, P)
-        og = torch.matmul(wgs, gv)  # (G, Hkv, W*rep, D)
-        og = og.view(G, Hkv, W, rep, D).transpose(1, 2).reshape(G * W, Hkv, rep, D)[st.rows]
-        out = og + torch.matmul(ws, rv)  # (B, Hkv, rep, D)
-        return out.reshape(B, 1, H, D)
+        sg = torch.matmul(qs.view(G, Hkv, W * rep, D), gk.transpose(-1, -2))
+        sg = (sg * scale + st.gbias).view(G, Hkv, W, rep, P)
+        ss = torch.matmul(qs, sk.transpose(-1, -2)) * scale + st.sbias  # (G, Hkv, W, rep, S)
+        m = torch.maximum(sg.amax(dim=-1), ss.amax(dim=-1)).unsqueeze(-1)  # (G, Hkv, W, rep, 1)
+        eg, es = torch.exp(sg - m), torch.exp(ss - m)
+        den = eg.sum(dim=-1, keepdim=True) + es.sum(dim=-1, keepdim=True)
+        out = torch.matmul(eg.view(G, Hkv, W * rep, P), gv).view(G, Hkv, W, rep, D)
+        out = (out + torch.matmul(es, sv)) / den
+        return out[g, :, j].reshape(B, 1, H, D)
 
 
 class DecodeEngine:
@@ -544,8 +547,10 @@ class DecodeEngine:
             return results  # type: ignore[return-value]
         S = max(it.max_new for it in items)
         batch = _Batch(self, width, S)
-        waiting = list(range(len(items)))[::-1]  # a stack: pop() takes the next in order
-        free_groups: list[int] = []
+        # A stack, longest prompt on top: groups alive at the same time have similar prompt
+        # lengths, so little of the group KV the attention reads is padding.
+        waiting = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+        free_groups: list[int] = []  # a heap: the lowest free slot first keeps live groups low
         used_groups = 0
         group_rows: dict[int, list[int]] = {}  # group slot -> live row slots
         slot_row: dict[int, _Row] = {}  # row slot -> row
@@ -572,18 +577,18 @@ class DecodeEngine:
                     self.cache.insert(
                         list(it.ids) + row.tokens[:n],
                         [
-                            torch.cat([batch.gk[i][g, :, :plen], batch.sk[i][slot, :, :n]], dim=1)
+                            torch.cat([batch.gk[i][g, :, :plen], batch.sk[i][g, :, slot % width, :n]], dim=1)
                             for i in range(self.n_layers)
                         ],
                         [
-                            torch.cat([batch.gv[i][g, :, :plen], batch.sv[i][slot, :, :n]], dim=1)
+                            torch.cat([batch.gv[i][g, :, :plen], batch.sv[i][g, :, slot % width, :n]], dim=1)
                             for i in range(self.n_layers)
                         ],
                     )
             results[it.req][row.sample] = self._completion(row, it)
             if not group_rows[g]:
                 del group_rows[g], slot_item[g]
-                free_groups.append(g)
+                heapq.heappush(free_groups, g)
 
         def check(slots: list[int], toks: list[int]) -> None:
             """Append each row's new token; retire rows that ended."""
@@ -617,7 +622,7 @@ class DecodeEngine:
                         break
                     waiting.pop()
                     if free_groups:
-                        g = free_groups.pop()
+                        g = heapq.heappop(free_groups)
                     else:
                         g, used_groups = used_groups, used_groups + 1
                     admitted.append((g, it))
@@ -669,14 +674,18 @@ class DecodeEngine:
             rows_t = torch.tensor(slots)
             groups = rows_t // width
             spos = slen[rows_t]
-            glen = batch.glen[groups]
-            P = int(batch.glen[:used_groups].max())
-            S_ = int(spos.max()) + 1
-            gbias = torch.where(torch.arange(P)[None, :] < glen[:, None], 0.0, float("-inf")).to(self.dtype)
-            sbias = torch.where(torch.arange(S_)[None, :] <= spos[:, None], 0.0, float("-inf")).to(self.dtype)
-            st = _Decode(batch, rows_t, groups, spos, used_groups, P, S_, gbias, sbias)
+            G = max(group_rows) + 1  # group slots up to the highest live one
+            glen = batch.glen[:G]
+            P = int(batch.glen[groups].max())  # the longest live prompt
+            inf = float("-inf")
+            gbias = torch.where(torch.arange(P)[None, :] < glen[:, None], 0.0, inf).to(self.dtype)
+            sl = slen[: G * width].view(G, width)  # dead slots keep position 0 at least: finite
+            sbias = torch.where(torch.arange(S)[None, None, :] <= sl[:, :, None], 0.0, inf).to(self.dtype)
+            st = _Decode(
+                batch, groups, rows_t % width, spos, G, P, gbias[:, None, None, :], sbias[:, None, :, None, :]
+            )
             last = torch.tensor([slot_row[s].tokens[-1] for s in slots])
-            hidden = self._forward(last[:, None], (glen + spos)[:, None], st)
+            hidden = self._forward(last[:, None], (batch.glen[groups] + spos)[:, None], st)
             logits = self.model.lm_head(hidden[:, 0])
             slen[rows_t] = spos + 1
             its = [slot_item[s // width] for s in slots]
