@@ -190,6 +190,18 @@ def test_generate_extract_train_generate_again(tmp_path):
     assert set(summary["runs"]["bon-ppm"]["metrics"]) == {"1", "2"}
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 4 and all("trajectories" in r and "selected" in r for r in rows)
+    for r in rows:  # the chosen answer of every rule at every budget the run reports
+        budgets = ["1"] if r["run"] == "greedy" else ["1", "2"]
+        assert sorted(r["by_budget"]) == budgets
+        for b in budgets:
+            chosen = r["by_budget"][b]["answers"]
+            answers = {t["answer"] for t in r["trajectories"]}
+            assert all(a is None or a in answers for a in chosen.values())
+            assert r["by_budget"][b]["correct"]["pass"] == any(
+                t["correct"] for t in r["trajectories"] if t["order"] < int(b)
+            )
+    table = (out / "summary.md").read_text()
+    assert "| bon-ppm | bon | ppm1 | 1 |" in table and "| bon-ppm | bon | ppm1 | 2 |" in table
     assert (out / "scaling.png").stat().st_size > 5000 and "| mcts-ppm | mcts |" in (
         out / "summary.md"
     ).read_text()
