@@ -168,3 +168,164 @@ def test_inference_mcts_uses_step_values_whatever_the_preset():
         s = eval_search_config(load_config(preset).search, "bon", 8, "rollouts")
         assert (s.mode, s.trajectories) == ("bon", 8)
         assert eval_search_config(load_config(preset).search, "greedy", 8, "searches").trajectories == 1
+
+
+# --- None answers, ties, and runs of every search mode (issue 22) ------------------------------
+
+
+def test_none_answers_never_vote_and_never_win():
+    assert all(v is False for v in select([], 2, exact).values())
+    nothing = [T(None, 0.9, False, 0), T(None, None, False, 1)]
+    assert all(v is False for v in select(nothing, 2, exact).values())
+    # two unanswered searches score highest; the one answer scores lowest
+    trajs = [T(None, 0.9, False, 0), T(None, 0.8, False, 1), T("5", -0.5, True, 2)]
+    v = select(trajs, top_k=2, same=exact)
+    assert v["majority"] is True  # the only answer with votes, though outnumbered by None
+    assert v["best_of_n"] is False  # the best-scored trajectory has no answer: nothing picked
+    assert v["topk_vote"] is False and v["topk_weighted"] is False  # no answer in the top 2
+    assert select(trajs, top_k=3, same=exact)["topk_vote"] is True
+    # None answers are distinct: they are never one class with each other or with an answer
+    same_calls = []
+    select(
+        [T(None, 0.1, False), T(None, 0.2, False), T("1", 0.3, True)],
+        3,
+        lambda a, b: same_calls.append((a, b)),
+    )
+    assert same_calls == []
+
+
+def test_ties_go_to_the_answer_reached_first():
+    first_right = [T("3", 0.1, True, 0), T("4", 0.1, False, 1), T("4", 0.2, False, 2), T("3", 0.2, True, 3)]
+    first_wrong = [T("4", 0.1, False, 0), T("3", 0.1, True, 1), T("3", 0.2, True, 2), T("4", 0.2, False, 3)]
+    for trajs, want in ((first_right, True), (first_wrong, False)):
+        v = select(trajs, top_k=4, same=exact)
+        assert v["majority"] is want and v["topk_vote"] is want
+    # equal scores: best-of-N takes the earlier trajectory; a missing score counts as -1
+    assert select([T("1", 0.5, True), T("2", 0.5, False)], 1, exact)["best_of_n"] is True
+    assert select([T("2", 0.5, False), T("1", 0.5, True)], 1, exact)["best_of_n"] is False
+    assert select([T("2", None, False), T("1", -0.99, True)], 1, exact)["best_of_n"] is True
+    assert select([T("2", None, False), T("1", -1.0, True)], 1, exact)["best_of_n"] is False
+    # weighted: a score of -1 still votes (shifted to a small positive weight)
+    v = select([T("2", -1.0, False), T("1", None, True), T("1", None, True)], 3, exact)
+    assert v["topk_weighted"] is True and v["best_of_n"] is False
+
+
+def test_selected_answers_and_the_pass_rule():
+    from rstar.evaluate import _choices
+
+    answers, correct = _choices([T("7", 0.9, False), T("5", 0.1, True), T("5", 0.2, True)], 2, exact)
+    assert answers == {
+        "majority": "5",
+        "best_of_n": "7",
+        "topk_vote": "7",
+        "topk_weighted": "7",
+        "pass": None,
+    }
+    assert correct == {
+        "majority": True,
+        "best_of_n": False,
+        "topk_vote": False,
+        "topk_weighted": False,
+        "pass": True,
+    }
+    # top-2 with a tie in votes: the first to reach the top (by order in the list) wins
+    assert (
+        _choices([T("7", 0.9, False), T("5", 0.8, True), T("5", 0.1, True)], 2, exact)[0]["topk_vote"] == "7"
+    )
+    # an equivalence, not a string match, decides the classes; the answer picked is the first spelling
+    answers, _ = _choices(
+        [T("0.5", 0.1, True), T("1/2", 0.9, True), T("2", 0.5, False)],
+        3,
+        lambda a, b: {a, b} == {"0.5", "1/2"},
+    )
+    assert answers["majority"] == "0.5" and answers["best_of_n"] == "0.5"
+
+
+def test_budget_held_and_grouping_by_problem():
+    from rstar.evaluate import budget_held, group_by_problem
+
+    tree = Tree.new("q", "p")
+    for i, (ans, ok, v) in enumerate([("1", False, 0.2), ("2", True, 0.8), (None, False, None)]):
+        node = tree.add_child(tree.root, str(i), kind="answer", terminal=ANSWER if ans else "no_answer")
+        node.answer, node.correct, node.value, node.rollout, node.N = ans, ok, v, 2 - i, 1
+    rec = lambda mode, pid, i, search: {  # noqa: E731
+        "mode": mode,
+        "search_index": i,
+        "problem": {"id": pid},
+        "tree": tree.to_dict(),
+        "config": {"search": search},
+    }
+    recs = [rec("mcts", "a", i, {"rollouts": 5}) for i in range(3)] + [rec("mcts", "b", 0, {"rollouts": 4})]
+    assert budget_held(recs) == 1  # problem b has one search
+    assert budget_held(recs, "rollouts") == 4
+    assert (
+        budget_held([rec("bon", "a", 0, {"trajectories": 6}), rec("bon", "b", 0, {"trajectories": 3})]) == 3
+    )
+    assert budget_held([]) == 0
+    grouped = group_by_problem(recs[:3] + recs[3:], unit="searches")
+    assert list(grouped) == ["a", "b"] and [t.order for t in grouped["a"][1]] == [0, 1, 2]
+    assert grouped["a"][0] == {"id": "a"}
+    by_rollout = group_by_problem(recs[3:], unit="rollouts")["b"][1]
+    assert [(t.answer, t.order) for t in by_rollout] == [(None, 0), ("2", 1), ("1", 2)]
+    # a search with no answer contributes one unanswered trajectory
+    empty = Tree.new("q", "p")
+    [t] = trajectories({"mode": "mcts", "search_index": 4, "problem": {"id": "c"}, "tree": empty.to_dict()})
+    assert (t.answer, t.score, t.correct, t.order) == (None, None, False, 4)
+
+
+@pytest.mark.slow
+def test_run_eval_with_rollouts_beam_and_best_of_n(tmp_path, toy_ppm):
+    """`rstar eval` end to end on the scripted policy with a real (toy) PPM: MCTS counted in
+    rollouts, step-level beam search and best-of-N; the summary is what the records give."""
+    from rstar.config import load_config
+    from rstar.data.problems import Problem
+    from rstar.evaluate import EvalRun, run_eval
+    from rstar.search.treefile import iter_records
+    from scripted import ScriptedPolicy
+
+    probs = [
+        Problem(id=f"add:{i}", question=f"What is {10 + i} + {30 + i}?", answer=str(40 + 2 * i))
+        for i in range(3)
+    ]
+    cfg = load_config("eval", overrides=["search.num_samples=3", "search.beam_width=2", "sandbox.workers=1"])
+    ppm = str(toy_ppm[0])
+    runs = [
+        EvalRun("mcts-ppm", "mcts", ppm),
+        EvalRun("beam-ppm", "beam", ppm),
+        EvalRun("bon-ppm", "bon", ppm),
+    ]
+    summary = run_eval(
+        probs,
+        cfg,
+        runs,
+        [1, 2, 4],
+        tmp_path,
+        top_k=2,
+        policy=ScriptedPolicy(),
+        show_progress=False,
+        mcts_unit="rollouts",
+    )
+    assert (
+        summary["runs"]["mcts-ppm"]["unit"] == "rollouts" and summary["runs"]["bon-ppm"]["unit"] == "samples"
+    )
+    for name, run in summary["runs"].items():
+        recs = list(iter_records(tmp_path / name / "trees.jsonl"))
+        search = recs[0]["config"]["search"]
+        assert search["mode"] == run["mode"]
+        if name == "mcts-ppm":
+            assert len(recs) == 3 and (search["rollouts"], search["trajectories"]) == (4, 1)
+            assert all(a["rollout"] is not None for r in recs for a in r["tree"]["nodes"] if a["terminal"])
+        else:
+            assert len(recs) == (3 if name == "bon-ppm" else 12)
+        assert sorted(int(k) for k in run["metrics"]) == [1, 2, 4]
+        # every budget is the per-problem verdicts of results.jsonl, averaged
+        rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if r["run"] == name]
+        assert len(rows) == 3
+        for k in ("1", "2", "4"):
+            for metric in ("majority", "best_of_n", "topk_vote", "pass"):
+                want = sum(r["by_budget"][k]["correct"][metric] for r in rows) / 3
+                assert run["metrics"][k if k in run["metrics"] else int(k)][metric] == pytest.approx(want)
+    # four rollouts reach both programs that run (one adds, one subtracts); one best answer
+    # per beam search or best-of-N sample is what those report
+    assert summary["runs"]["mcts-ppm"]["metrics"][4]["pass"] == 1.0
