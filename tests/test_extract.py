@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -557,3 +558,115 @@ def test_cli_trl_format_writes_prompt_chosen_rejected(tmp_path):
             assert [(r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]) for r in rows] == [
                 (p["prompt"] + p["pos"], p["prompt"] + p["neg"]) for p in expected
             ]
+
+
+# --- the record checks, one at a time (issue 22) -----------------------------------------------
+
+
+def _broken(edit) -> dict:
+    rec = make_record(tree1()[0])
+    edit(rec)
+    return rec
+
+
+def _set(path: str, value):
+    """An edit that sets rec[...] along `path` ("tree.nodes.3.id") to `value`."""
+
+    def edit(rec):
+        *head, last = path.split(".")
+        d = rec
+        for k in head:
+            d = d[int(k)] if isinstance(d, list) else d[k]
+        d[int(last) if isinstance(d, list) else last] = value
+
+    return edit
+
+
+def _del(path: str):
+    def edit(rec):
+        *head, last = path.split(".")
+        d = rec
+        for k in head:
+            d = d[int(k)] if isinstance(d, list) else d[k]
+        del d[int(last) if isinstance(d, list) else last]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_del("key"), "record 0: not a tree record: missing field 'key'"),
+        (_del("problem.id"), "record 0: not a tree record: missing field 'problem.id'"),
+        (_set("problem", "p:1"), "record 0: not a tree record: missing field 'problem.id'"),
+        (_del("tree"), "record 0: not a tree record: missing field 'tree'"),
+        (_del("tree.question"), "missing field 'tree.question'"),
+        (_del("tree.nodes"), "missing field 'tree.nodes'"),
+        (_set("tree.nodes", []), "record 0: tree.nodes is not a non-empty list"),
+        (_set("tree.nodes", {"0": {}}), "record 0: tree.nodes is not a non-empty list"),
+        (_set("tree.nodes.2", "a node"), r"missing field 'tree.nodes\[2\].id'"),
+        (_set("tree.nodes.2.N", "many"), r"record 0: tree.nodes\[2\]: bad node"),
+        (_set("tree.nodes.2.q", [1]), r"record 0: tree.nodes\[2\]: bad node"),
+        (_set("tree.nodes.2.surprise", 1), None),  # unknown fields are ignored
+        (_set("tree.nodes.3.id", 4), r"record 0: tree.nodes\[3\] has id 4 \(ids are positions\)"),
+        (_set("tree.nodes.3.text", 7), r"record 0: tree.nodes\[3\]: text must be a string, children a list"),
+        (_set("tree.nodes.3.children", 5), r"record 0: tree.nodes\[3\]: text must be a string"),
+        (_set("tree.nodes.0.children", [1, 99]), r"record 0: tree.nodes\[0\]: child 99 is not a node of it"),
+        (_set("tree.nodes.0.children", [0]), r"record 0: tree.nodes\[0\]: child 0 is not a node of it"),
+        (_set("tree.nodes.0.children", ["1"]), r"record 0: tree.nodes\[0\]: child '1' is not a node of it"),
+        (_set("search_index", "0"), "record 0: search_index must be an integer"),
+    ],
+)
+def test_each_structural_check_names_the_record_and_the_field(edit, message):
+    rec = _broken(edit)
+    if message is None:
+        assert ex.extract_sft([rec]) == ex.extract_sft([make_record(tree1()[0])])
+        return
+    for extract in (ex.extract_sft, ex.extract_ppm, ex.extract_orm, ex.extract_pqm, ex.coverage):
+        with pytest.raises(RstarError, match=message):
+            extract([rec])
+
+
+def test_a_child_claimed_by_a_node_that_is_not_its_parent_is_refused():
+    t, _ = tree1()
+    rec = make_record(t)
+    a, b = rec["tree"]["nodes"][0]["children"][:2]
+    rec["tree"]["nodes"][a]["children"].append(rec["tree"]["nodes"][b]["children"][0])
+    with pytest.raises(RstarError, match=rf"record 0: tree.nodes\[{a}\]: child \d+ is not a node of it"):
+        ex.extract_ppm([rec])
+
+
+def test_a_record_parsed_keeps_what_extraction_needs():
+    t, _ = tree1()
+    rec = make_record(t, pid="p:9", index=3, level="Level 5")
+    s = ex.parse_search("f.jsonl:7", rec)
+    assert (s.origin, s.key, s.problem_id, s.level, s.index, s.seed) == (
+        "f.jsonl:7",
+        rec["key"],
+        "p:9",
+        "Level 5",
+        3,
+        1003,
+    )
+    assert s.question == t.question and s.tree.to_dict() == t.to_dict()
+    del rec["search_index"]
+    assert ex.parse_search("x", rec).index == 0  # older records: one search per problem
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"top_k": 0}, "top_k must be at least 1 (got 0)"),
+        ({"min_margin": -0.1}, "the filters' thresholds must be >= 0"),
+        ({"min_margin": float("nan")}, "the filters' thresholds must be >= 0"),
+        ({"min_edit_distance": -1}, "the filters' thresholds must be >= 0"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_record_is_read(kwargs, message):
+    def records():
+        raise AssertionError("read")
+        yield
+
+    with pytest.raises(RstarError, match=re.escape(message)):
+        ex.extract_ppm(records(), **kwargs)
+    assert ex.extract_ppm([make_record(tree1()[0])], top_k=1, min_margin=0.0, min_edit_distance=0)
