@@ -11,7 +11,7 @@ EXTRAS ?= dev,ray,server
 # that two machines installing a week apart test the same stack.
 LOCK ?= requirements.lock
 
-.PHONY: install lock upgrade demo eval-demo test lint format bench mutate clean
+.PHONY: install lock upgrade demo demo-full eval-demo test lint format bench mutate clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,14 @@ upgrade: lock
 
 demo: install
 	$(BIN)/rstar evolve
+
+# Ten times the search and 50 test problems per level (not timed end to end yet; see
+# docs/EXPERIMENTS.md). SEED picks the world and the searches: three seeds, then
+# `rstar report runs/embedded-full-s0 runs/embedded-full-s1 runs/embedded-full-s2`.
+SEED ?= 0
+demo-full: install
+	$(BIN)/rstar evolve --preset embedded-full --set evolve.world_seed=$(SEED) --set search.seed=$(SEED) \
+		--set evolve.run_dir=runs/embedded-full-s$(SEED)
 
 # After `make demo`: the paper's Figure 3 (accuracy against trajectories, MCTS + PPM vs
 # best-of-N) and Table 8 (PPM vs PQM vs ORM as MCTS's reward model) on the embedded test set.
