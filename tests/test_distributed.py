@@ -36,6 +36,9 @@ from rstar.search.ray_runner import (  # noqa: E402
 )
 from scripted import ScriptedPolicy  # noqa: E402
 
+# End to end on a local Ray cluster: `pytest -m "not slow"` skips it (`make test` runs it).
+pytestmark = pytest.mark.slow
+
 # Small searches: 3 rollouts x 3 samples of "What is A + B?" take a few model calls each.
 OVERRIDES = ["search.rollouts=3", "search.num_samples=3", "scheduler.max_inflight=4", "sandbox.workers=1"]
 

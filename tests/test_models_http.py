@@ -37,6 +37,9 @@ from rstar.models.hf import HFPolicy, first_stop
 from rstar.models.openai import OpenAIPolicy, api_root, infer_stop, share_tokens
 from rstar.models.tiny import build_tiny_policy
 
+# End to end against a llama.cpp server with a memorised model: `pytest -m "not slow"` skips it.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("gguf", reason="needs the server extra: pip install -e '.[server]'")
 pytest.importorskip("xllamacpp", reason="needs the server extra: pip install -e '.[server]'")
 
