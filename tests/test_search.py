@@ -558,3 +558,34 @@ def test_a_real_ppm_ranks_the_beam(sandbox, grader, toy_reward):
         assert expanded == sorted(top2, key=lambda n: n.id)  # chosen by the PPM's values ...
         assert all("good" in n.text for n in expanded)  # ... which prefer the good steps
         assert len(tree.answers()) == 2 and info["correct"] is True and info["answer"] == job.problem.answer
+
+
+def test_best_of_n_samples_n_chains_then_one_step_each_and_scores_only_answers(sandbox, grader):
+    policy, reward = ScriptedPolicy(), ScriptedReward()
+    cfg = load_config(overrides=["search.mode=bon", "search.trajectories=5", "search.temperature=0.6"])
+    [(job, tree, _)] = search(
+        cfg, Backends(policy=policy, sandbox=sandbox, grader=grader, reward=reward), problems(1)
+    )
+    first, *rest = policy.calls
+    assert [r.n for r in first] == [5] and all(r.n == 1 for call in rest for r in call)
+    assert all(r.temperature == 0.6 for call in policy.calls for r in call)
+    assert reward.calls == 1  # one Score request, for the answers only
+    a, b = numbers(job.problem.question)
+    for node in tree.nodes[1:]:
+        if node.terminal == ANSWER:
+            assert node.value == (0.9 if node.answer == str(a + b) else -0.9)
+        else:
+            assert node.value is None
+    # every chain ends: an answer or a failed step, never an open node
+    assert all(n.is_terminal or n.children for n in tree.nodes)
+    # without a reward model nothing is scored
+    [(_, tree, _)] = search(
+        cfg, Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader), problems(1)
+    )
+    assert tree.answers() and all(n.value is None for n in tree.nodes)
+    # greedy: one chain at temperature 0
+    greedy_policy = ScriptedPolicy()
+    cfg = load_config(overrides=["search.mode=greedy", "search.temperature=0.6"])
+    [(_, tree, _)] = search(cfg, Backends(policy=greedy_policy, sandbox=sandbox, grader=grader), problems(1))
+    assert all((r.n, r.temperature) == (1, 0.0) for call in greedy_policy.calls for r in call)
+    assert [n.depth for n in tree.nodes] == [0, 1, 2, 3]
