@@ -5,6 +5,8 @@ grader."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,8 +69,13 @@ def toy_ppm(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     from helpers.toy_ppm import TOY_CFG, toy_pairs
     from rstar.training.reward import train_reward
 
-    out = tmp_path_factory.mktemp("ppm") / "toy"
     recs = toy_pairs(48)
+    # `make mutate` runs the tests once per mutant: there a PPM trained by the first run is
+    # reused from $RSTAR_TEST_TOY_PPM (never set otherwise, so a test run always trains its own).
+    cache = os.environ.get("RSTAR_TEST_TOY_PPM")
+    if cache and (Path(cache) / "metrics.json").exists():
+        return Path(cache), json.loads((Path(cache) / "metrics.json").read_text()), recs
+    out = Path(cache) if cache else tmp_path_factory.mktemp("ppm") / "toy"
     with one_thread():
         metrics = train_reward(recs, tiny_dir, out, TOY_CFG, kind="ppm")
     return out, metrics, recs

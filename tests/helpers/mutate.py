@@ -3,7 +3,7 @@
 For each module, a copy of src/ and tests/ is made under $MUTATE_DIR (default
 /tmp/rstar-mutate/<module>), so the shared working tree never holds a mutated file or a
 `mutants/` folder; mutmut (3.x) mutates only that module there and, per mutant, runs only the
-tests of the module's test files that reach the mutated function. The score printed is
+tests of the module's test files that reach the mutated function (the `slow` ones left out). The score printed is
 caught / (caught + survived), caught being killed, timed out or crashed; mutants no test reaches ("no tests") count as survived.
 
     python tests/helpers/mutate.py                   # every module below
@@ -70,7 +70,9 @@ def config(files: list[str], tests: list[str]) -> str:
         'source_paths = ["src"]',
         f"only_mutate = {json.dumps(files)}",
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]',
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "-m", "not slow"]',
+        # a mutant that loops is caught sooner (the default waits 15x the test's own time)
+        "timeout_multiplier = 5.0",
         "",
         "[tool.pytest.ini_options]",
         'testpaths = ["tests"]',
@@ -91,7 +93,9 @@ def run_module(name: str, base: Path, children: int) -> dict:
     (work / "pyproject.toml").write_text(config(files, tests))
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     cmd = [mutmut, "run", "--max-children", str(children)] + patterns
-    subprocess.run(cmd, cwd=work, check=False, stdout=subprocess.DEVNULL)
+    # the toy PPM of conftest is trained once (by mutmut's first, unmutated run) and reused
+    env = {**os.environ, "RSTAR_TEST_TOY_PPM": str(work / "toy-ppm")}
+    subprocess.run(cmd, cwd=work, check=False, stdout=subprocess.DEVNULL, env=env)
     out = subprocess.run(
         [mutmut, "results", "--all", "true"], cwd=work, text=True, capture_output=True
     ).stdout
@@ -124,8 +128,12 @@ def main(argv: list[str]) -> int:
         print(
             f"{r['module']:8s} {100 * r['score']:5.1f}% killed  {r['counts']}  (mutmut show NAME in {r['dir']})"
         )
-        for s in r["survivors"]:
-            print(f"    survived: {s}")
+        by_function: dict[str, list[str]] = {}
+        for name in r["survivors"]:
+            function, _, number = name.rpartition("__mutmut_")
+            by_function.setdefault(function, []).append(number)
+        for function, numbers in sorted(by_function.items()):
+            print(f"    survived in {function}: {len(numbers)} ({', '.join(sorted(numbers, key=int))})")
     return 0
 
 
