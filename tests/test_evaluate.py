@@ -329,3 +329,51 @@ def test_run_eval_with_rollouts_beam_and_best_of_n(tmp_path, toy_ppm):
     # four rollouts reach both programs that run (one adds, one subtracts); one best answer
     # per beam search or best-of-N sample is what those report
     assert summary["runs"]["mcts-ppm"]["metrics"][4]["pass"] == 1.0
+
+
+def test_trajectories_carry_score_and_verdict_and_settle_as_the_search_did():
+    tree = Tree.new("q", "p")
+    a = tree.add_child(tree.root, "a", kind="answer", terminal=ANSWER, answer="1", correct=False, value=0.9)
+    b = tree.add_child(tree.root, "b", kind="answer", terminal=ANSWER, answer="2", correct=True, value=0.1)
+    a.rollout, b.rollout, a.N, b.N, a.q, b.q = 0, 1, 1, 1, -1.0, 1.0
+    for mode, unit in (("bon", "searches"), ("mcts", "rollouts")):
+        got = trajectories(_record(mode, tree), unit=unit)
+        assert [(t.answer, t.score, t.correct) for t in got] == [("1", 0.9, False), ("2", 0.1, True)]
+    # a data-generation MCTS record (terminal-guided) settled by Q; an inference one by value
+    rec = _record("mcts", tree)
+    rec["config"] = {"search": {"mode": "mcts", "terminal_guided": True}}
+    assert trajectories(rec)[0].answer == "2"
+    rec["config"] = {"search": {"mode": "mcts", "terminal_guided": False}}
+    assert trajectories(rec)[0].answer == "1"
+    del rec["search_index"]
+    assert trajectories(rec)[0].order == 0  # a record of one search per problem
+
+
+def test_metrics_without_levels_without_problems_and_with_a_narrow_top_k():
+    per_problem = {
+        "a": ({"id": "a"}, [T("1", 0.9, False, 0), T("2", 0.5, True, 1), T("2", 0.4, True, 2)]),
+        "b": ({"id": "b", "level": "3"}, [T("5", 0.1, True, 0)]),
+    }
+    m = metrics_at_budgets(per_problem, [3], top_k=1, same=exact)[3]
+    assert m["n"] == 2 and m["levels"] == {"3": {**dict.fromkeys(m.keys() - {"n", "levels"}, 1.0), "n": 1}}
+    assert m["topk_vote"] == 0.5 and m["majority"] == 1.0  # top-1 of a is the wrong "1"
+    empty = metrics_at_budgets({}, [1, 4], top_k=2, same=exact)
+    assert empty[4] == {
+        "majority": 0.0,
+        "best_of_n": 0.0,
+        "topk_vote": 0.0,
+        "topk_weighted": 0.0,
+        "pass": 0.0,
+        "n": 0,
+        "levels": {},
+    }
+
+
+def test_budget_held_counts_searches_and_reads_missing_settings_as_none():
+    from rstar.evaluate import budget_held
+
+    rec = lambda mode, pid, **extra: {"mode": mode, "problem": {"id": pid}, **extra}  # noqa: E731
+    assert budget_held([rec("mcts", "a"), rec("mcts", "a"), rec("mcts", "b"), rec("mcts", "b")]) == 2
+    assert budget_held([rec("bon", "a"), rec("bon", "b")]) == 0  # no config: no samples known
+    assert budget_held([rec("mcts", "a")], unit="rollouts") == 0
+    assert budget_held([rec("mcts", "a", config={"search": {}})], unit="rollouts") == 0
