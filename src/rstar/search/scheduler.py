@@ -238,12 +238,14 @@ def run_jobs(
             if ready:
                 continue
             if to_generate or to_score:
-                stats.call_searches += len(to_generate) if to_generate else len(to_score)
-                stats.call_inflight += len(active)
-            if to_generate:
-                _generate(backends.policy, to_generate, ready, stats)
-            elif to_score:
-                _score(backends.reward, to_score, ready, stats)
+                stats.call_searches += len(to_generate) + len(to_score)
+                stats.call_inflight += len(active) * (bool(to_generate) + bool(to_score))
+                # Both kinds in one pass: a search waiting for scores must not wait behind every
+                # generate call while other searches keep asking for steps (inference MCTS).
+                if to_generate:
+                    _generate(backends.policy, to_generate, ready, stats)
+                if to_score:
+                    _score(backends.reward, to_score, ready, stats)
             elif any(a.waiting for a in active):
                 t0 = time.perf_counter()
                 cf.wait([f for a in active for f in a.waiting], timeout=1.0, return_when=cf.FIRST_COMPLETED)
