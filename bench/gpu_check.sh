@@ -6,8 +6,8 @@
 #
 #   bash bench/gpu_check.sh [POLICY_DIR]     # logs to $OUT (default /tmp/gpu_check)
 #
-# Needs the project's dependencies importable (pip install -e ".[dev]", or PYTHONPATH) and,
-# for the tests, ../shared/data beside the checkout. Each part writes its own log and has
+# Needs the project's dependencies importable (pip install -e ".[dev]", or PYTHONPATH); the
+# tests' data lies in the repository. Each part writes its own log and has
 # its own time limit, and each test a shorter one (pytest-timeout), so a slow part fails its
 # tests, with their names, instead of being cut off before pytest's summary.
 set -u

@@ -1,6 +1,6 @@
 """Answer equivalence (rstar.grading): real math-verify in real worker processes, no mocks.
 
-The benchmark files are read in place from ../shared/data/benchmarks (never copied).
+The benchmark files are the ones that ship with the package (src/rstar/data/benchmarks).
 """
 
 from __future__ import annotations

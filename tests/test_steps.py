@@ -1,4 +1,4 @@
-"""The step format against the authors' released examples (read in place from ../shared)."""
+"""The step format against the authors' released examples (tests/fixtures/rstar_format)."""
 
 from __future__ import annotations
 

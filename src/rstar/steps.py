@@ -8,7 +8,7 @@ solution. One generated chunk (generation stops at one of STOP_STRINGS) is one s
 tree node.
 
 The tags and the prompt match the authors' models and released data byte for byte
-(../shared/data/rstar_format/): `split_steps(text)` partitions any response into steps and
+(examples in tests/fixtures/rstar_format/): `split_steps(text)` partitions any response into steps and
 `"".join(split_steps(text)) == text`.
 """
 

@@ -9,7 +9,7 @@
 TREES are tree files (docs/TREE_FILES.md) or directories holding a `trees.jsonl`. An output
 path ending in `.json` gets a JSON array (like the authors' released files), anything else
 JSONL, `-` JSONL on stdout. The formats are the authors' byte for byte
-(../shared/data/rstar_format/), so their released data and ours are interchangeable.
+(examples in tests/fixtures/rstar_format/), so their released data and ours are interchangeable.
 
 Definitions (the paper leaves these to the code; the choices are ours where noted):
 
