@@ -670,3 +670,56 @@ def test_bad_arguments_are_refused_before_any_record_is_read(kwargs, message):
     with pytest.raises(RstarError, match=re.escape(message)):
         ex.extract_ppm(records(), **kwargs)
     assert ex.extract_ppm([make_record(tree1()[0])], top_k=1, min_margin=0.0, min_edit_distance=0)
+
+
+def test_solved_ids_coverage_order_and_an_empty_run():
+    t, _ = tree1()
+    wrong = Tree.new("Q2?", sft_prompt("Q2?"))
+    chain(wrong, "W", "41", (-1, -1, -1))
+    recs = [
+        make_record(t, pid="p:1", level="Level 10"),
+        make_record(wrong, pid="p:2", level="Level 2"),
+        make_record(t, pid="p:3", level="Level 2"),
+    ]
+    assert ex.solved_ids(recs) == {"p:1", "p:3"}
+    assert ex.solved_ids([make_record(wrong, pid="p:2")]) == set()
+    cov = ex.coverage(recs)
+    assert list(cov["by_level"]) == ["Level 2", "Level 10"]  # natural order, not "Level 10" first
+    assert cov["by_level"]["Level 2"] == {"problems": 2, "covered": 1, "coverage": 0.5}
+    assert ex.coverage([]) == {"problems": 0, "covered": 0, "coverage": 0.0, "by_level": {}}
+
+
+def test_coverage_by_steps_counts_code_steps_of_the_reference():
+    def ref(n_code: int) -> str:
+        body = "".join(f"\n\n# step {i}\nx = {i}\n<end_of_step>" for i in range(n_code))
+        return "<code>" + body[2:] + "\n\n# Now print the final answer\nprint(x)\n<end_of_code>"
+
+    probs = [
+        Problem(id="a", question="q", answer="1", meta={"solution": ref(1)}),
+        Problem(id="b", question="q", answer="1", meta={"solution": ref(3)}),
+        Problem(id="c", question="q", answer="1", meta={"solution": ref(3)}),
+        Problem(id="d", question="q", answer="1", meta={"solution": ref(3)}),
+        Problem(id="e", question="q", answer="1", meta={"solution": "no steps at all"}),
+        Problem(id="f", question="q", answer="1", meta={"solution": None}),
+        Problem(id="g", question="q", answer="1"),
+    ]
+    assert ex.coverage_by_steps(probs, {"b", "d", "e", "f"}) == {
+        "1": {"problems": 1, "covered": 0, "coverage": 0.0},
+        "3": {"problems": 3, "covered": 2, "coverage": 2 / 3},
+    }
+    assert list(ex.coverage_by_steps(probs[::-1], set())) == ["1", "3"]
+
+
+def test_write_records_jsonl_json_and_stdout(tmp_path, capsys):
+    recs = [{"query": "π ≈ 3.14?", "response": "yes"}, {"query": "2", "response": "no"}]
+    out = tmp_path / "new" / "dir" / "sft.jsonl"
+    ex.write_records(recs, out)
+    text = out.read_text(encoding="utf-8")
+    assert text == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs) and "π" in text
+    ex.write_records(recs, tmp_path / "sft.json")
+    assert (tmp_path / "sft.json").read_text(encoding="utf-8") == json.dumps(
+        recs, ensure_ascii=False, indent=4
+    ) + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "sft.json"]  # no temporary left
+    ex.write_records(recs, "-")
+    assert capsys.readouterr().out == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
