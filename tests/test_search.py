@@ -589,3 +589,27 @@ def test_best_of_n_samples_n_chains_then_one_step_each_and_scores_only_answers(s
     [(_, tree, _)] = search(cfg, Backends(policy=greedy_policy, sandbox=sandbox, grader=grader), problems(1))
     assert all((r.n, r.temperature) == (1, 0.0) for call in greedy_policy.calls for r in call)
     assert [n.depth for n in tree.nodes] == [0, 1, 2, 3]
+
+
+def test_parallel_rollouts_keep_the_invariants_and_batch_their_leaves(sandbox, grader):
+    """search.parallel_rollouts: several walkers descend at once; their virtual losses are
+    taken back, each rollout is stamped on what it reached, and the distinct leaves of one
+    step of the walkers go to the policy in one call."""
+    for preset, ppm in (("round2", False), ("eval", True)):
+        calls = {}
+        for k in (1, 2, 4):
+            cfg = load_config(
+                preset,
+                overrides=["search.rollouts=8", "search.num_samples=3", f"search.parallel_rollouts={k}"],
+            )
+            policy = BranchingPolicy(depth=2, valid=3, wrong=1, failing=1)
+            reward = TableReward({"way 0": 0.6, "undefined": -0.8, "boxed": 0.5}, default=-0.1)
+            backends = Backends(policy=policy, sandbox=sandbox, grader=grader, reward=reward if ppm else None)
+            for _, tree, _ in search(cfg, backends, problems(2)):
+                check_tree_invariants(tree, ppm_init=ppm)
+                assert all(r is not None and 0 <= r < 8 for r in (a.rollout for a in tree.answers()))
+                assert len(tree.answers()) >= 2
+            calls[k] = len(policy.calls)
+            if k > 1:  # after the root's expansion, one call carries several nodes of a search
+                assert max(len(call) for call in policy.calls) > len(problems(2)), policy.calls
+        assert calls[4] < calls[1] and calls[2] < calls[1], calls

@@ -73,6 +73,9 @@ def config(files: list[str], tests: list[str]) -> str:
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "-m", "not slow"]',
         # a mutant that loops is caught sooner (the default waits 15x the test's own time)
         "timeout_multiplier = 5.0",
+        # workers fork from a server that has not run the suite: a worker forked from the
+        # process that ran it (torch threads, sandbox and grader pools) hung until its timeout
+        'process_isolation = "forkserver"',
         "",
         "[tool.pytest.ini_options]",
         'testpaths = ["tests"]',
