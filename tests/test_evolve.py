@@ -32,6 +32,7 @@ def stages(run: Path) -> dict:
         return {}
 
 
+@pytest.mark.slow
 def test_quick_evolve_killed_and_resumed(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -109,6 +110,88 @@ def test_quick_evolve_killed_and_resumed(tmp_path):
     assert "coverage" in md and "Test accuracy" in md and (run / "report.png").stat().st_size > 10_000
     assert "## Time per stage" in md
     assert "## Coverage by the reference solution's length" in md
+    check_search_results(run)  # issue 22: every search's result, not only that its file exists
+    check_every_stage_ran_for_real(run, after)  # issue 20
+
+
+def check_every_stage_ran_for_real(run: Path, stages_: dict) -> None:
+    """The quick run proves what it says (issue 20): some training problems solved in every
+    round, preference pairs extracted, a PPM trained, and that PPM used by a PPM-augmented round
+    (its search started nodes from PPM values) and by the evaluation (best-of-N and MCTS + PPM)."""
+    ppm_rounds = []
+    for r in range(1, 5):
+        extracted = stages_[f"round{r}/extract"]["result"]
+        assert extracted["coverage"]["covered"] > 0, f"round {r} solved no training problem"
+        if "skipped" not in stages_[f"round{r}/train"]["result"]["ppm"]:
+            ppm_rounds.append(r)
+    assert sum(stages_[f"round{r}/extract"]["result"]["pairs"] for r in range(1, 5)) > 0
+    assert ppm_rounds and ppm_rounds[0] <= 2, f"no PPM before the PPM-augmented rounds: {ppm_rounds}"
+    cfg = load_config("quick")
+    used = False
+    for r in (3, 4):
+        if not load_config(cfg.evolve.rounds[r - 1]["preset"]).search.ppm_init:
+            continue
+        recs = list(iter_records(run / f"round{r}" / "trees.jsonl"))
+        assert all(rec["config"]["search"]["ppm_init"] and rec["config"]["model"]["ppm"] for rec in recs)
+        # a PPM-initialised node holds the reward model's value
+        used |= any(n["value"] is not None for rec in recs for n in rec["tree"]["nodes"][1:])
+    assert used, "no PPM-augmented round scored a step with the PPM"
+    for r in range(1, 5):
+        summary = json.loads((run / f"round{r}" / "eval" / "summary.json").read_text())
+        if any(q in ppm_rounds for q in range(1, r + 1)):
+            assert {"bon-ppm", "mcts-ppm"} <= set(summary["runs"]), (r, list(summary["runs"]))
+
+
+def check_search_results(run: Path) -> None:
+    """What the searches of a quick run found (issue 22; the quick-preset checks above are the
+    artifacts): every tree file loads unchanged, each record's answer is its tree's chosen
+    answer, data-generation MCTS trees keep their value invariants, round 4's extra pass
+    searched exactly the problems its main pass left unsolved, and best-of-N and MCTS + PPM
+    results in the evaluations are the trees' own."""
+    from rstar.evaluate import record_by_value
+    from rstar.search.expand import best_answer_node
+    from test_search import check_tree_invariants
+
+    cfg = load_config("quick")
+    n = cfg.evolve.eval_samples
+    modes_seen = set()
+    for path in sorted(run.glob("round*/**/trees.jsonl")):
+        for rec in iter_records(path):
+            tree = Tree.from_dict(rec["tree"])
+            assert tree.to_dict() == rec["tree"], (path, rec["key"])
+            best = best_answer_node(tree, record_by_value(rec))
+            assert rec["answer"] == (best.answer if best else None), (path, rec["key"])
+            assert rec["correct"] is bool(best is not None and best.correct), (path, rec["key"])
+            search = rec["config"]["search"]
+            mode = rec["mode"]
+            modes_seen.add((path.parent.name, mode))
+            if mode == "mcts" and path.parent.name != "mcts-ppm":  # data generation
+                check_tree_invariants(tree, ppm_init=search["ppm_init"])
+                assert all(a.correct is not None for a in tree.answers())
+            elif mode == "mcts":  # evaluation: one search of N rollouts, answers valued by the PPM
+                assert search["rollouts"] == n and not search["terminal_guided"]
+                assert all(a.value is not None for a in tree.answers())
+                check_tree_invariants(tree, ppm_init=True)
+            elif mode == "bon":  # N independent chains from the root
+                assert len(tree.children(tree.root)) == search["trajectories"] == n
+                assert all(len(node.children) <= 1 for node in tree.nodes[1:])
+    assert ("mcts-ppm", "mcts") in modes_seen or not (run / "models" / "ppm_r4").exists()
+    # round 4's extra pass: unsolved problems of the main pass, unsolved_seeds trees each
+    solved = {r["problem"]["id"] for r in iter_records(run / "round4" / "trees.jsonl") if r["correct"]}
+    unsolved = {p.id for p in load_problems(run / "problems" / "train.jsonl")} - solved
+    extra = run / "round4" / "extra1" / "trees.jsonl"
+    if unsolved:
+        recs = list(iter_records(extra))
+        assert {r["problem"]["id"] for r in recs} == unsolved
+        assert len(recs) == cfg.evolve.unsolved_seeds * len(unsolved)
+        assert all(r["config"]["search"]["rollouts"] == cfg.evolve.unsolved_rollouts[0] for r in recs)
+    else:
+        assert not extra.exists()
+    # the summaries: MCTS + PPM and best-of-N + PPM wherever a PPM existed
+    for r in range(1, 5):
+        runs = json.loads((run / f"round{r}" / "eval" / "summary.json").read_text())["runs"]
+        has_ppm = any((run / "models" / f"ppm_r{q}").exists() for q in range(1, r + 1))
+        assert ({"bon-ppm", "mcts-ppm"} <= set(runs)) == has_ppm, (r, list(runs))
 
 
 def test_run_dir_with_another_runs_artifacts_is_refused(tmp_path):
