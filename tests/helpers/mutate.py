@@ -9,6 +9,7 @@ caught / (caught + survived), caught being killed, timed out or crashed; mutants
     python tests/helpers/mutate.py                   # every module below
     python tests/helpers/mutate.py ppm select        # some of them
     MUTATE_CHILDREN=2 python tests/helpers/mutate.py  # mutants run in parallel (default 1)
+    MUTATE_SAMPLE=300 python tests/helpers/mutate.py extract  # a seeded sample of 300 mutants
 
 Not part of CI: a module takes minutes.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -85,7 +87,7 @@ def config(files: list[str], tests: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_module(name: str, base: Path, children: int) -> dict:
+def run_module(name: str, base: Path, children: int, sample: int = 0) -> dict:
     files, tests, patterns = MODULES[name]
     work = base / name
     if work.exists():
@@ -95,9 +97,20 @@ def run_module(name: str, base: Path, children: int) -> dict:
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     (work / "pyproject.toml").write_text(config(files, tests))
     mutmut = str(Path(sys.executable).with_name("mutmut"))
-    cmd = [mutmut, "run", "--max-children", str(children)] + patterns
     # the toy PPM of conftest is trained once (by mutmut's first, unmutated run) and reused
     env = {**os.environ, "RSTAR_TEST_TOY_PPM": str(work / "toy-ppm")}
+    if sample:
+        # Generate the mutants and run none (a name that matches nothing), then test a seeded
+        # random sample of them: an estimate of the score for a module too big to run whole.
+        subprocess.run([mutmut, "run", "rstar.no-such-mutant"], cwd=work, env=env, stdout=subprocess.DEVNULL)
+        names = sorted(
+            k
+            for meta in (work / "mutants").rglob("*.meta")
+            for k in json.loads(meta.read_text())["exit_code_by_key"]
+            if not patterns or any(fnmatch.fnmatchcase(k, p) for p in patterns)
+        )
+        patterns = random.Random(0).sample(names, min(sample, len(names)))
+    cmd = [mutmut, "run", "--max-children", str(children)] + patterns
     subprocess.run(cmd, cwd=work, check=False, stdout=subprocess.DEVNULL, env=env)
     out = subprocess.run(
         [mutmut, "results", "--all", "true"], cwd=work, text=True, capture_output=True
@@ -126,10 +139,12 @@ def main(argv: list[str]) -> int:
         return 2
     base = Path(os.environ.get("MUTATE_DIR", "/tmp/rstar-mutate"))
     children = int(os.environ.get("MUTATE_CHILDREN", "1"))
-    results = [run_module(n, base, children) for n in names]
+    sample = int(os.environ.get("MUTATE_SAMPLE", "0"))
+    results = [run_module(n, base, children, sample) for n in names]
     for r in results:
+        of = f" (a sample of {sample})" if sample else ""
         print(
-            f"{r['module']:8s} {100 * r['score']:5.1f}% killed  {r['counts']}  (mutmut show NAME in {r['dir']})"
+            f"{r['module']:8s} {100 * r['score']:5.1f}% killed{of}  {r['counts']}  (mutmut show NAME in {r['dir']})"
         )
         by_function: dict[str, list[str]] = {}
         for name in r["survivors"]:
