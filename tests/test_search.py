@@ -613,3 +613,19 @@ def test_parallel_rollouts_keep_the_invariants_and_batch_their_leaves(sandbox, g
             if k > 1:  # after the root's expansion, one call carries several nodes of a search
                 assert max(len(call) for call in policy.calls) > len(problems(2)), policy.calls
         assert calls[4] < calls[1] and calls[2] < calls[1], calls
+
+
+def test_which_searches_need_a_reward_model(sandbox, grader):
+    from rstar.search.expand import needs_reward
+
+    want = {"round1": False, "round2": False, "round3": True, "round4": True, "eval": True}
+    for preset, need in want.items():
+        assert needs_reward(load_config(preset).search) is need, preset
+    for mode, need in (("beam", True), ("bon", False), ("greedy", False)):
+        assert needs_reward(load_config("round2", overrides=[f"search.mode={mode}"]).search) is need, mode
+    # greedy with a reward model scores its answer
+    cfg = load_config(overrides=["search.mode=greedy"])
+    backends = Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader, reward=ScriptedReward())
+    [(_, tree, _)] = search(cfg, backends, problems(1))
+    [answer] = tree.answers()
+    assert answer.value == -0.9  # greedy subtracts; the reward model says so
