@@ -161,6 +161,7 @@ def test_a_failing_command_fails_the_run(tmp_path):
     assert failures and "NameError" in failures[0]
 
 
+@pytest.mark.slow
 def test_docs_run_as_written(tmp_path, pretrained_tiny):
     work = tmp_path / "work"
     work.mkdir()
