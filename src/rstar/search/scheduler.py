@@ -41,6 +41,11 @@ from rstar.search.tree import Tree
 # them. Programs take ~1 ms, so a short wait makes the next batch fuller; a program that runs
 # to its time limit only delays its own search.
 EXEC_WAIT_S = 0.02
+# Whether that wait is skipped once at least as many searches are ready for the model as are
+# still waiting on their programs: the model call then runs while the sandbox workers run the
+# others' programs (on a 2-core machine the two overlap), and the searches settle into two
+# cohorts that alternate, instead of every search waiting for the slowest program each step.
+PIPELINE = True
 
 
 @dataclass
@@ -234,7 +239,10 @@ def run_jobs(
                 batch, ready[:] = list(ready), []
                 for act, value in batch:
                     advance(act, value)
-            collect_futures(EXEC_WAIT_S if (to_generate or to_score) else 0.0)
+            n_ready = len(to_generate) + len(to_score)
+            n_busy = sum(1 for a in active if a.waiting)
+            fill = n_ready > 0 and (not PIPELINE or n_busy > n_ready)
+            collect_futures(EXEC_WAIT_S if fill else 0.0)
             if ready:
                 continue
             if to_generate or to_score:
