@@ -153,3 +153,41 @@ class TableReward:
     def score(self, prefixes: list[str], steps: list[str]) -> list[float]:
         self.calls += 1
         return [next((v for k, v in self.table.items() if k in step), self.default) for step in steps]
+
+
+class ExplicitPolicy:
+    """A policy that writes a tree given label by label (issue 22): `children` maps a step's
+    label ("" for the root) to the labels of its candidate next steps. A label starting with
+    "p" is a step that prints x and ends the code; any other is a code step that keeps x
+    (the first sets x = A + B); after an output comes the answer. Every sample draws from the
+    candidates in turn, so n >= their number yields each once (identical samples merge)."""
+
+    def __init__(self, children: dict[str, list[str]]):
+        self.children = children
+        self.calls: list[list[GenRequest]] = []
+
+    def _candidates(self, prompt: str) -> list[str]:
+        a, b = numbers(prompt)
+        tail = prompt.rsplit("Let's think step by step and solve the problem with code.", 1)[1]
+        if tail.endswith("<end_of_output>"):
+            out = re.findall(r"<output>(.*?)<end_of_output>", tail, re.S)[-1].strip()
+            return [ANSWER_STEP.format(out=out)]
+        labels = re.findall(r"# label (\w+)\n", tail)
+        out = []
+        for c in self.children.get(labels[-1] if labels else "", []):
+            if c.startswith("p"):
+                out.append(f"\n\n# label {c}\nprint(x)\n<end_of_code>")
+            elif not labels:
+                out.append(f"<code>\n# label {c}\nx = {a} + {b}\n<end_of_step>")
+            else:
+                out.append(f"\n\n# label {c}\nx = x\n<end_of_step>")
+        return out
+
+    def generate(self, requests: list[GenRequest]) -> list[list[Completion]]:
+        self.calls.append(list(requests))
+        out = []
+        for r in requests:
+            options = self._candidates(r.prompt)
+            picks = [options[i % len(options)] for i in range(r.n)]
+            out.append([Completion(text=t, stop_reason="stop", n_tokens=len(t) // 4) for t in picks])
+        return out

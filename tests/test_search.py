@@ -629,3 +629,33 @@ def test_which_searches_need_a_reward_model(sandbox, grader):
     [(_, tree, _)] = search(cfg, backends, problems(1))
     [answer] = tree.answers()
     assert answer.value == -0.9  # greedy subtracts; the reward model says so
+
+
+def test_beam_search_stops_once_width_answers_exist_across_steps(sandbox, grader):
+    # Width 3. Two answers at step 3 (below a and b), then c's branch goes on: at step 5 its
+    # first answer makes three, and the search stops though c5 is still open. Counting only
+    # one step's answers, or stopping at more than the width, would expand c5; counting from
+    # one would stop at step 3, before c3.
+    from scripted import ExplicitPolicy
+
+    tree_shape = {
+        "": ["a", "b", "c"],
+        "a": ["pa"],
+        "b": ["pb"],
+        "c": ["c2"],
+        "c2": ["c3"],
+        "c3": ["pc3", "c4"],
+        "c4": ["c5"],
+        "c5": ["pc5"],
+    }
+    cfg = load_config("eval", overrides=["search.mode=beam", "search.beam_width=3", "search.num_samples=3"])
+    backends = Backends(
+        policy=ExplicitPolicy(tree_shape), sandbox=sandbox, grader=grader, reward=TableReward(default=0.0)
+    )
+    [(job, tree, info)] = search(cfg, backends, problems(1))
+    check_structure(tree)
+    label = {n.id: (re.findall(r"# label (\w+)\n", n.text) or ["answer"])[0] for n in tree.nodes[1:]}
+    expanded = sorted(label[n.id] for n in tree.nodes[1:] if n.expanded)
+    assert expanded == ["a", "b", "c", "c2", "c3", "c4", "pa", "pb", "pc3"]
+    assert len(tree.answers()) == 3 and all(a.correct for a in tree.answers())
+    assert info["answer"] == job.problem.answer
