@@ -659,3 +659,21 @@ def test_beam_search_stops_once_width_answers_exist_across_steps(sandbox, grader
     assert expanded == ["a", "b", "c", "c2", "c3", "c4", "pa", "pb", "pc3"]
     assert len(tree.answers()) == 3 and all(a.correct for a in tree.answers())
     assert info["answer"] == job.problem.answer
+
+
+def test_terminal_values():
+    from rstar.search.expand import terminal_value
+    from rstar.search.tree import Node
+
+    guided = load_config("round2").search
+    inference = load_config("eval").search
+    for kind in (CODE_ERROR, TOO_DEEP, TRUNCATED, NO_ANSWER):
+        node = Node(id=1, parent=0, depth=1, text="", terminal=kind, value=0.7, correct=True)
+        assert terminal_value(node, guided) == terminal_value(node, inference) == -1.0
+    right = Node(id=1, parent=0, depth=1, text="", terminal=ANSWER, correct=True, value=-0.3)
+    wrong = Node(id=2, parent=0, depth=1, text="", terminal=ANSWER, correct=False, value=0.4)
+    assert (terminal_value(right, guided), terminal_value(wrong, guided)) == (1.0, -1.0)
+    assert (terminal_value(right, inference), terminal_value(wrong, inference)) == (-0.3, 0.4)
+    wrong.value = None
+    with pytest.raises(RuntimeError, match="^inference search needs reward-model values on answer nodes$"):
+        terminal_value(wrong, inference)
