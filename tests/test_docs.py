@@ -162,6 +162,7 @@ def test_a_failing_command_fails_the_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # with the fixture: pre-training (~3 min on 2 idle cores) and the tour
 def test_docs_run_as_written(tmp_path, pretrained_tiny):
     work = tmp_path / "work"
     work.mkdir()
