@@ -1,17 +1,19 @@
 """A CPU decode engine for small Qwen2 policies: shared prompt KV, continuous batching, a prefix cache.
 
 `HFPolicy` uses it automatically for supported models on CPU (`engine="auto"`); HF
-`model.generate` stays the reference and the path for everything else.
+`model.generate` stays the reference and the path for everything else. Measurements:
+docs/EXPERIMENTS.md, "Search speed (issue 18)"; where the cache lives: docs/ARCHITECTURE.md.
 
 Why a hand-written scheduling loop. On CPU, with the tiny policies of this project, reading
 the KV cache dominates a decode step, and a search sends many prompts with n samples each
 whose steps end at very different lengths. Among the libraries kept here none does the
 three things that matter: vLLM (prefix caching, continuous batching) has no CPU build here;
-llama.cpp was measured slower than this loop (docs: ../shared/CPU_ENGINES.md, 1.31x HF
-against 2.32x); HF `generate` keeps finished rows in the batch until the longest ends (39-51%
-of its row-steps produce a token) and copies a prompt's KV once per sample; transformers'
-continuous batching targets CUDA/XPU. So this module writes only the loop and the attention
-kernel's data layout; the architecture (embeddings, projections, rotary embedding, norms,
+llama.cpp was measured slower than a loop like this one on this kind of machine (1.31x HF
+generate against 2.32x); HF `generate` keeps finished rows in the batch until the longest ends
+(39-51% of its row-steps produce a token) and copies a prompt's KV once per sample.
+(transformers' own continuous batching, `generate_batch` with paged attention, was not
+evaluated here; its asynchronous path lists only CUDA and XPU devices.) So this module
+writes only the loop and the attention kernel's data layout; the architecture (embeddings, projections, rotary embedding, norms,
 MLP, LM head) is transformers' own forward, into which the attention below is plugged
 through `AttentionInterface` (its documented extension point).
 
@@ -20,8 +22,8 @@ Data layout (per layer; Hkv = KV heads, D = head dim):
   `gk/gv` (G, Hkv, P, D), valid up to `glen[g]`; its samples read it once per step through
   one matmul for the whole group (this is what "share the prompt's KV" buys: a step reads
   G x P instead of rows x P);
-- a *row* is one sample, slot `r = g * width + j`; the KV of its generated tokens is in
-  `sk/sv` (R, Hkv, S, D), valid up to `slen[r]`;
+- a *row* is one sample j of group g; the KV of its generated tokens is in `sk/sv`
+  (G, Hkv, W, S, D), valid up to `slen[g * W + j]`;
 - a decode step runs the model on live rows only (finished rows retire at once), and freed
   room is filled from the waiting requests (their prompts are prefilled in batches).
 
@@ -125,9 +127,13 @@ def sample_tokens(
         order = None
     cdf = probs.double().cumsum(dim=-1)  # (B, V)
     target = (u * cdf[:, -1]).unsqueeze(1)
-    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
-    # never land on a zero-probability token (rounding at the top of the cdf)
-    idx = torch.minimum(idx, (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True))
+    idx = torch.searchsorted(cdf, target, right=True)  # the first token whose cdf passes the target
+    # A zero-probability token never passes it (its cdf equals its predecessor's), except past
+    # the end, where rounding can put the target: take the last token with mass there.
+    over = idx >= cdf.shape[1]
+    if bool(over.any()):
+        last = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+        idx = torch.where(over, last, idx)
     tok = idx if order is None else order.gather(1, idx)
     return torch.where(hot, tok[:, 0], greedy)
 
