@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from conftest import RSTAR_FORMAT
-from helpers.memorise import memorise
+from helpers.memorise import SOLUTION_CASES, SOLUTION_TEXT, memorise
 from rstar import RstarError, steps
 from rstar.models.base import Completion, GenRequest, Policy
 from rstar.models.hf import HFPolicy, first_stop
@@ -46,21 +46,9 @@ pytest.importorskip("xllamacpp", reason="needs the server extra: pip install -e 
 HELPER = Path(__file__).with_name("llama_server.py")
 SFT_EXAMPLES = RSTAR_FORMAT / "sft_data_examples.json"
 
-# A solution with every kind of step, each different so that a tiny model can memorise it.
-HEADER = steps.sft_prompt("Count up.") + "<code>\n# start at zero\nx = 0\n<end_of_step>"
-STEP2 = "\n\n# add one\nx = x + 1\n<end_of_step>"
-STEP3 = "\n\n# double it\nx = x * 2\n<end_of_step>"
-FINAL = "\n\n# Now print the final answer\nprint(x)\n<end_of_code>"
-OUTPUT = "\n<output>2<end_of_output>"
-ANSWER = "\n<answer>The count is \\boxed{2}<end_of_answer>"
-TRAIN_TEXT = HEADER + STEP2 + STEP3 + FINAL + OUTPUT + ANSWER
-# (prompt, the greedy continuation up to and including its stop tag)
-CASES = [
-    (HEADER, STEP2),
-    (HEADER + STEP2, STEP3),
-    (HEADER + STEP2 + STEP3, FINAL),
-    (HEADER + STEP2 + STEP3 + FINAL + OUTPUT, ANSWER),
-]
+# A solution with every kind of step, each different so that a tiny model can memorise it
+# (tests/helpers/memorise.py); CASES: (prompt, the greedy continuation up to its stop tag).
+TRAIN_TEXT, CASES = SOLUTION_TEXT, SOLUTION_CASES
 
 
 def _free_port() -> int:
