@@ -677,3 +677,39 @@ def test_terminal_values():
     wrong.value = None
     with pytest.raises(RuntimeError, match="^inference search needs reward-model values on answer nodes$"):
         terminal_value(wrong, inference)
+
+
+def test_a_search_prompts_and_requests_with_its_settings(sandbox, grader):
+    from rstar.steps import build_prompt
+
+    for style in ("sft", "fewshot"):
+        cfg = load_config(
+            "round2",
+            overrides=[
+                "search.rollouts=1",
+                "search.num_samples=2",
+                f"search.prompt_style={style}",
+                "search.max_new_tokens=77",
+                "search.top_p=0.5",
+                "search.temperature=0.3",
+            ],
+        )
+        policy = ScriptedPolicy()
+        [(job, tree, _)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+        assert tree.question == job.problem.question
+        assert tree.prompt == build_prompt(job.problem.question, style)
+        assert policy.calls[0][0].prompt == tree.prompt
+        for call in policy.calls:
+            for r in call:
+                assert (r.max_new_tokens, r.top_p, r.temperature) == (77, 0.5, 0.3)
+
+
+def test_uct_has_no_exploration_term_while_the_parent_has_one_visit():
+    tree = Tree.new("q", "p")
+    child = tree.add_child(tree.root, "a")
+    child.N, child.q = 1, 0.4
+    for n in (0, 1):
+        tree.root.N = n
+        assert uct(child, tree.root, 2.0, "inf") == 0.4
+    tree.root.N = 2
+    assert uct(child, tree.root, 2.0, "inf") == pytest.approx(0.4 + 2.0 * math.sqrt(math.log(2)))
