@@ -102,7 +102,13 @@ def run_module(name: str, base: Path, children: int, sample: int = 0) -> dict:
     if sample:
         # Generate the mutants and run none (a name that matches nothing), then test a seeded
         # random sample of them: an estimate of the score for a module too big to run whole.
-        subprocess.run([mutmut, "run", "rstar.no-such-mutant"], cwd=work, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [mutmut, "run", "rstar.no-such-mutant"],
+            cwd=work,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,  # mutmut's "nothing matches": expected
+        )
         names = sorted(
             k
             for meta in (work / "mutants").rglob("*.meta")
