@@ -115,8 +115,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/rstar-faithful", help="cache of the problems and base policy")
     ap.add_argument("--label", default="after", help="name of this version's tree directory")
     ap.add_argument("--round", type=int, default=2, help="the embedded preset's round whose settings to use")
-    ap.add_argument("--seeds", default="0", help="comma-separated search seeds (one search of all problems each)")
-    ap.add_argument("--set", action="append", default=[], help="a config override, e.g. search.unvisited=zero")
+    ap.add_argument(
+        "--seeds", default="0", help="comma-separated search seeds (one search of all problems each)"
+    )
+    ap.add_argument(
+        "--set", action="append", default=[], help="a config override, e.g. search.unvisited=zero"
+    )
     args = ap.parse_args()
     work = Path(args.work)
     prepare(work)

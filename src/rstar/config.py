@@ -110,7 +110,8 @@ class ModelConfig:
         "shared prompt KV, continuous batching, prefix cache; else HF generate) | hf (always HF generate) | fast",
     )
     prefix_cache_mb: int = _f(
-        256, "the decode engine's prefix cache (KV of encoded prompts, reused by their children) in MiB; 0 = off"
+        256,
+        "the decode engine's prefix cache (KV of encoded prompts, reused by their children) in MiB; 0 = off",
     )
 
 

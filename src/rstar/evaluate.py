@@ -513,7 +513,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trajectories", default="1,4,16,64", help="budgets, comma-separated (one run serves all)"
     )
-    parser.add_argument("--top-k", type=positive_int, default=4, help="trajectories in the paper's final vote (4-8)")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=4, help="trajectories in the paper's final vote (4-8)"
+    )
     parser.add_argument(
         "--mcts-unit",
         choices=["searches", "rollouts"],
@@ -568,7 +570,9 @@ def _cli(args: argparse.Namespace) -> int:
         check_models(cfg.model)
         for run in runs:
             if run.reward:
-                check_models(dataclasses.replace(cfg.model, ppm=run.reward), ppm_flag=f"{run.name}: reward model")
+                check_models(
+                    dataclasses.replace(cfg.model, ppm=run.reward), ppm_flag=f"{run.name}: reward model"
+                )
     summary = run_eval(
         problems,
         cfg,

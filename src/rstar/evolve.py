@@ -75,7 +75,9 @@ class RunState:
                     f"{self.path}: corrupt, not JSON ({e}): restore it, or pick another --run-dir"
                 ) from e
             if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
-                raise RstarError(f"{self.path}: not a run state (no 'stages' mapping): pick another --run-dir")
+                raise RstarError(
+                    f"{self.path}: not a run state (no 'stages' mapping): pick another --run-dir"
+                )
             if self.data.get("config") != cfg.to_dict():
                 log(f"note: {self.path} was written with another config; finished stages are kept")
         else:

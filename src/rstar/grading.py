@@ -623,7 +623,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     from rstar.checks import positive_int, seconds
 
-    parser.add_argument("--timeout", type=seconds, default=5.0, help="hard limit per pair, seconds (default 5)")
+    parser.add_argument(
+        "--timeout", type=seconds, default=5.0, help="hard limit per pair, seconds (default 5)"
+    )
     parser.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     parser.set_defaults(func=_cli)
 

@@ -804,7 +804,9 @@ _EXTRACTORS: dict[str, Callable[[Records, ExtractStats, argparse.Namespace], lis
 def _require_trees(stats: ExtractStats, files: list[Path]) -> None:
     """Nothing read is an error, not "0 trees" (an empty file, or one cut-off or garbage line)."""
     if not stats.trees:
-        raise RstarError(f"{', '.join(map(str, files))}: no tree records in it (empty, or only a cut-off line)")
+        raise RstarError(
+            f"{', '.join(map(str, files))}: no tree records in it (empty, or only a cut-off line)"
+        )
 
 
 def _cli(args: argparse.Namespace) -> int:
