@@ -192,3 +192,32 @@ def test_prefixes_and_steps_must_pair_up(toy_ppm: tuple[Path, dict, list[dict]])
     with pytest.raises(ValueError, match="2 prefixes but 1 steps"):
         rm.score(["a", "b"], ["c"])
     assert rm.calls == 0
+
+
+def test_init_reward_model_checks_the_kind_and_gives_a_tokenizer_a_pad(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    from rstar.models.ppm import init_reward_model
+
+    with pytest.raises(RstarError, match="reward model kind 'prm': expected one of ppm, orm, pqm"):
+        init_reward_model(tiny_dir, kind="prm")
+    # a policy whose tokenizer has no pad token: the reward model pads with EOS
+    import shutil
+
+    nopad = tmp_path / "nopad"
+    shutil.copytree(tiny_dir, nopad)
+    tok = AutoTokenizer.from_pretrained(nopad)
+    tok.pad_token = None
+    tok.save_pretrained(nopad)
+    assert AutoTokenizer.from_pretrained(nopad).pad_token_id is None
+    model, tok = init_reward_model(nopad, kind="pqm", max_length=99)
+    assert tok.pad_token_id == tok.eos_token_id == model.config.pad_token_id
+    assert model.config.rstar_reward == {"kind": "pqm", "activation": "tanh", "max_length": 99}
+    assert not model.score.weight.detach().any()  # the head starts at tanh(0) = 0
+
+
+def test_load_reward_model_defaults(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
+    rm = load_reward_model(toy_ppm[0])
+    assert rm.max_batch_size == 64 and rm.kind == "ppm"
