@@ -17,7 +17,16 @@ from rstar.search.run import generate
 from rstar.search.scheduler import Backends, Job, run_jobs
 from rstar.search.tree import ANSWER, CODE_ERROR, NO_ANSWER, TOO_DEEP, TRUNCATED, Tree, select_child, uct
 from rstar.search.treefile import iter_records
-from scripted import ANSWER_STEP, BranchingPolicy, ScriptedPolicy, ScriptedReward, TableReward, numbers
+from rstar.steps import ROUND1_STOP_STRINGS, STOP_STRINGS
+from scripted import (
+    ANSWER_STEP,
+    FIRST_STEPS,
+    BranchingPolicy,
+    ScriptedPolicy,
+    ScriptedReward,
+    TableReward,
+    numbers,
+)
 
 
 def problems(k: int) -> list[Problem]:
@@ -404,7 +413,7 @@ class _OddEnds(BranchingPolicy):
         out = super().generate(requests)
         for r, outs in zip(requests, out):
             if not r.prompt.rsplit("solve the problem with code.", 1)[1]:  # the first step
-                outs[0].text, outs[0].stop_reason = self.CUT, "length"
+                outs[0].text, outs[0].stop_reason, outs[0].n_tokens = self.CUT, "length", 17
                 outs[1].text = self.UNBOXED
         return out
 
@@ -418,6 +427,7 @@ def test_truncated_and_unboxed_steps_are_pruned_terminals_stamped_with_their_rol
     cut = [c for c in firsts if c.text == _OddEnds.CUT]
     unboxed = [c for c in firsts if c.text == _OddEnds.UNBOXED]
     assert len(cut) == 1 and cut[0].terminal == TRUNCATED and cut[0].kind == "partial"
+    assert (cut[0].stop_reason, cut[0].n_tokens) == ("length", 17)  # as the policy reported
     assert len(unboxed) == 1 and unboxed[0].terminal == NO_ANSWER and unboxed[0].answer is None
     for node in cut + unboxed:
         assert (node.q, node.N, node.rollout) == (-1.0, 1, 0)  # made by the first rollout, pruned
@@ -702,6 +712,33 @@ def test_a_search_prompts_and_requests_with_its_settings(sandbox, grader):
         for call in policy.calls:
             for r in call:
                 assert (r.max_new_tokens, r.top_p, r.temperature) == (77, 0.5, 0.3)
+                assert r.stop == STOP_STRINGS  # round 2 does not stop at <end_of_output>
+    cfg = load_config(
+        "round1", overrides=["search.rollouts=1", "search.num_samples=2", "search.prompt_style=sft"]
+    )
+    policy = ScriptedPolicy()
+    search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    assert all(r.stop == ROUND1_STOP_STRINGS for call in policy.calls for r in call)
+
+
+class _Repeats(ScriptedPolicy):
+    """Samples the first step as [subtract, subtract, add, helper]: a duplicate before new ones."""
+
+    def generate(self, requests):
+        out = super().generate(requests)
+        for r, outs in zip(requests, out):
+            if len(outs) == 4 and "x = " in outs[0].text and "<code>" in outs[0].text:
+                texts = [s.format(a=numbers(r.prompt)[0], b=numbers(r.prompt)[1]) for s in FIRST_STEPS]
+                for c, t in zip(outs, [texts[0], texts[0], texts[1], texts[2]]):
+                    c.text = t
+        return out
+
+
+def test_identical_samples_merge_and_the_rest_are_kept(sandbox, grader):
+    cfg = load_config("round2", overrides=["search.rollouts=1", "search.num_samples=4"])
+    [(_, tree, _)] = search(cfg, Backends(policy=_Repeats(), sandbox=sandbox, grader=grader), problems(1))
+    firsts = [c.text for c in tree.children(tree.root)]
+    assert len(firsts) == 3 and len(set(firsts)) == 3
 
 
 def test_uct_has_no_exploration_term_while_the_parent_has_one_visit():
