@@ -221,3 +221,12 @@ def test_init_reward_model_checks_the_kind_and_gives_a_tokenizer_a_pad(
 def test_load_reward_model_defaults(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
     rm = load_reward_model(toy_ppm[0])
     assert rm.max_batch_size == 64 and rm.kind == "ppm"
+
+
+def test_pad_right_keeps_every_row_at_its_positions() -> None:
+    from rstar.models.ppm import pad_right
+
+    ids, mask = pad_right([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert ids.dtype == mask.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
