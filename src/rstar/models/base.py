@@ -8,6 +8,7 @@ batches: keep them free of per-problem state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -42,3 +43,16 @@ class RewardModel(Protocol):
     def score(self, prefixes: list[str], steps: list[str]) -> list[float]:
         """Score each step given its prefix (prompt + earlier steps); values in [-1, 1]."""
         ...
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """End index of the first stop string in `text` (earliest start; the shorter on a tie),
+    or None if there is none."""
+    best: tuple[int, int] | None = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s)
+        if i >= 0 and (best is None or (i, i + len(s)) < best):
+            best = (i, i + len(s))
+    return None if best is None else best[1]

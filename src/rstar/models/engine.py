@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from rstar.models.base import Completion, GenRequest
+from rstar.models.base import Completion, GenRequest, first_stop
 
 ATTN_NAME = "rstar_engine"
 # Model types whose attention is plain full causal attention through AttentionInterface
@@ -714,8 +714,6 @@ class DecodeEngine:
         return first_stop_in(text, stops)
 
     def _completion(self, row: _Row, it: _Item) -> Completion:
-        from rstar.models.hf import first_stop
-
         strip = self.eos_ids | {self.pad_id}
         text = self.tok.decode([t for t in row.tokens if t not in strip], skip_special_tokens=False)
         reason = row.done

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rstar.models.base import Completion, GenRequest
+from rstar.models.base import Completion, GenRequest, first_stop
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -90,19 +90,6 @@ def load_model(
     dev = model.device if device == "auto" else resolve_device(device)
     dt = model.dtype if dtype == "auto" else resolve_dtype(dtype, dev)
     return model.to(device=dev, dtype=dt), tokenizer, dev, dt
-
-
-def first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """End index of the first stop string in `text` (earliest start; the shorter on a tie),
-    or None if there is none."""
-    best: tuple[int, int] | None = None
-    for s in stops:
-        if not s:
-            continue
-        i = text.find(s)
-        if i >= 0 and (best is None or (i, i + len(s)) < best):
-            best = (i, i + len(s))
-    return None if best is None else best[1]
 
 
 class _GeneratedStopCriteria:
