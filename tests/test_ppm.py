@@ -230,3 +230,23 @@ def test_pad_right_keeps_every_row_at_its_positions() -> None:
     assert ids.dtype == mask.dtype == torch.long
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+
+
+def test_a_reward_model_object_needs_its_record_and_tanh(tiny_dir: Path) -> None:
+    from rstar.models.ppm import init_reward_model
+
+    model, tok = init_reward_model(tiny_dir, kind="orm", max_length=50)
+    rm = HFRewardModel(model, tokenizer=tok, device="cpu")
+    assert (rm.kind, rm.max_length) == ("orm", 50) and rm.score(["a"], ["b"]) == [0.0]  # zero head
+    del model.config.rstar_reward["kind"]  # an older record: a PPM
+    assert HFRewardModel(model, tokenizer=tok, device="cpu").kind == "ppm"
+    model.config.rstar_reward["activation"] = "sigmoid"
+    with pytest.raises(RstarError, match="reward model activation 'sigmoid': only 'tanh' is supported"):
+        HFRewardModel(model, tokenizer=tok, device="cpu")
+    del model.config.rstar_reward["activation"]  # tanh unless said otherwise
+    assert HFRewardModel(model, tokenizer=tok, device="cpu").kind == "ppm"
+    del model.config.rstar_reward
+    with pytest.raises(
+        ValueError, match="the model's config has no 'rstar_reward': build it with init_reward_model"
+    ):
+        HFRewardModel(model, tokenizer=tok, device="cpu")
