@@ -1,6 +1,6 @@
 """The policy backend alone: the decode engine against HF `generate`, side by side.
 
-Workload as in ../shared/CPU_ENGINES.md: world test problems, each prompt extended by 0-4
+The workload of the project's CPU engine comparison (docs/EXPERIMENTS.md, Search speed): world test problems, each prompt extended by 0-4
 reference steps (deeper nodes), n samples per request at T=1.0, at most 64 new tokens,
 stop at the step tags. Each repetition uses prompts no engine has seen (so the prefix cache
 cannot hit across repetitions), the engine order rotates, and ratios are per repetition.
