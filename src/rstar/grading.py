@@ -21,6 +21,10 @@ What is compared (in the worker):
   convention for the final answer; math-verify itself would merge several boxes into a set);
   otherwise a bare answer ("16", "\\frac{1}{2}", "x = 5") is read as `\\boxed{pred}`, and
   prose ("The answer is 5", text with `$...$`) is left to math-verify's own extraction.
+
+Why one file of this length: the normalisation rules, the worker protocol and the pool are
+the grader's one idea (a verdict that cannot hang the caller); rstar.workers holds what it
+shares with the sandbox.
 """
 
 from __future__ import annotations

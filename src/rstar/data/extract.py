@@ -62,6 +62,9 @@ chosen without Q: the `top_k` of each side with the smallest stable hash of
 order; edit-distance filter as above, no margin. PQM records (the other baseline): every
 visited non-root node's Q as the regression target, split like the step pairs (answer steps
 included, with the step split).
+
+Why one file of this length: SFT, PPM, ORM and PQM extraction share one pass over the trees,
+the structural checks of a record and the pair filters; one function per extraction kind.
 """
 
 from __future__ import annotations

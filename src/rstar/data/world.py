@@ -63,6 +63,9 @@ The reference solution (`meta["solution"]`) is a response in the authors' SFT fo
 composed from the tags in rstar.steps: `steps.split_steps` partitions it into one step per
 sentence, then the print step with its `<output>`, then the answer step; the program of its
 steps prints the gold answer.
+
+Why one file of this length: most of it is data (the vocabulary and the phrasings of every
+operation kind, `TEMPLATES`), kept beside the generator that fills them.
 """
 
 from __future__ import annotations

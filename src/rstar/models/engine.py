@@ -37,6 +37,9 @@ encodes only the few tokens after the cached part.
 Sampling: per-row temperature and top-p; each row's random numbers come from a counter-based
 hash of (request seed, sample index, step), so a seeded request's samples do not depend on
 what it was batched with (HF `generate` draws from one generator per batch).
+
+Why one file of this length: the decode loop, its KV layout, the attention it plugs into
+transformers and the prefix cache index the same slots, and each is wrong without the others.
 """
 
 from __future__ import annotations

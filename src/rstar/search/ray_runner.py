@@ -30,6 +30,9 @@ Why the design is what it is:
 
 Ray is an install extra (`pip install rstar[ray]`): nothing here imports it until a Ray run
 starts, and nothing else in the project imports this module's Ray parts.
+
+Why one file of this length: the driver, its actors and its resume logic share one job
+queue and one record format, and split apart they would have to pass both back and forth.
 """
 
 from __future__ import annotations
