@@ -106,14 +106,19 @@ class BranchingPolicy:
     def step(k: int, code: str, tag: str) -> str:
         return ("<code>\n" if k == 0 else "\n\n") + f"# Step {k + 1}: {tag}\n{code}\n<end_of_step>"
 
-    def _candidates(self, prompt: str) -> tuple[list[str], list[str]]:
-        """(valid or wrong candidates, failing candidates) for the next step of `prompt`."""
+    @staticmethod
+    def position(prompt: str) -> tuple[int, int, int, str | None]:
+        """(A, B, code steps so far, the executed output once the program has ended)."""
         a, b = numbers(prompt)
         tail = prompt.rsplit("Let's think step by step and solve the problem with code.", 1)[1]
-        if "<end_of_output>" in tail:
-            out = re.findall(r"<output>(.*?)<end_of_output>", tail, re.S)[-1].strip()
+        outs = re.findall(r"<output>(.*?)<end_of_output>", tail, re.S)
+        return a, b, tail.count("<end_of_step>"), outs[-1].strip() if outs else None
+
+    def _candidates(self, prompt: str) -> tuple[list[str], list[str]]:
+        """(valid or wrong candidates, failing candidates) for the next step of `prompt`."""
+        a, b, k, out = self.position(prompt)
+        if out is not None:
             return [ANSWER_STEP.format(out=out)], []
-        k = tail.count("<end_of_step>")
         if k >= self.depth:
             return [PRINT_STEP], []
         # A step keeps the previous x (or sets it at the first step), so that every valid path

@@ -517,12 +517,9 @@ class GoodBadPolicy(BranchingPolicy):
     to prefer `good` steps (in this very format), knowing nothing of the sums."""
 
     def _candidates(self, prompt: str) -> tuple[list[str], list[str]]:
-        a, b = numbers(prompt)
-        tail = prompt.rsplit("Let's think step by step and solve the problem with code.", 1)[1]
-        if "<end_of_output>" in tail:
-            out = re.findall(r"<output>(.*?)<end_of_output>", tail, re.S)[-1].strip()
+        a, b, k, out = self.position(prompt)
+        if out is not None:
             return [ANSWER_STEP.format(out=out)], []
-        k = tail.count("<end_of_step>")
         if k == 0:
             return [f"<code>\n# Step 1: add\nx = {a} + {b}\n<end_of_step>"], []
         if k == 1:
