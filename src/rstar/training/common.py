@@ -363,3 +363,14 @@ def warn_small_model_lr(n_params: int, cfg: TrainConfig, section: str, out: Any 
         flush=True,
     )
     return True
+
+
+def save_trained(trainer, tokenizer, out: Path, metrics: dict[str, Any], **provenance: Any) -> None:
+    """Write what a training run leaves beside its weights (the model itself, its tokenizer,
+    metrics.json and rstar_training.json; `provenance` are write_provenance's fields), from the
+    main process only."""
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+        write_metrics(out, metrics)
+        write_provenance(out, metrics=metrics, **provenance)

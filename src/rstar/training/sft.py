@@ -30,12 +30,11 @@ from rstar.training.common import (
     data_provenance,
     load_records,
     problem_key,
+    save_trained,
     select_device,
     split_held_out,
     trainer_arguments,
     warn_small_model_lr,
-    write_metrics,
-    write_provenance,
 )
 
 if TYPE_CHECKING:
@@ -233,20 +232,18 @@ def train_sft(
     }
     if eval_recs:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(out))
-        write_metrics(out, metrics)
-        write_provenance(
-            out,
-            kind="sft",
-            base_model=base_model,
-            data=data_provenance(data, records),
-            cfg=cfg,
-            metrics=metrics,
-            device=used_device,
-            max_steps=max_steps,
-            resumed_from=None if resume_from_checkpoint is None else str(resume_from_checkpoint),
-            extra=provenance,
-        )
+    save_trained(
+        trainer,
+        tokenizer,
+        out,
+        metrics,
+        kind="sft",
+        base_model=base_model,
+        data=data_provenance(data, records),
+        cfg=cfg,
+        device=used_device,
+        max_steps=max_steps,
+        resumed_from=None if resume_from_checkpoint is None else str(resume_from_checkpoint),
+        extra=provenance,
+    )
     return metrics
