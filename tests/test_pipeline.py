@@ -150,11 +150,24 @@ def test_generate_extract_train_generate_again(tmp_path):
     )
     recs = list(iter_records(gen2 / "trees.jsonl"))
     assert len(recs) == 4
+    values, steps = set(), 0
     for rec in recs:
-        tree = Tree.from_dict(rec["tree"])
-        scored = [n for n in tree.nodes[1:]]
-        assert scored and all(n.value is not None and -1 <= n.value <= 1 for n in scored)
         assert rec["config"]["search"]["ppm_init"] is True
+        tree = Tree.from_dict(rec["tree"])
+        scored = tree.nodes[1:]
+        assert scored and all(n.value is not None for n in scored)
+        values |= {round(n.value, 6) for n in scored}
+        # PPM-initialised q: every open step starts from its PPM value as one visit, then
+        # gains the +1/-1 of each answer backed up through it (terminal-guided, round 3).
+        for n in scored:
+            if n.is_terminal:
+                continue
+            below = [a for a in tree.answers() if n in tree.path(a)]
+            assert n.N == 1 + len(below)
+            assert n.q == pytest.approx(n.value + sum(a.q for a in below))
+            steps += 1
+    assert steps  # some open step was checked
+    assert len(values) > 1  # the PPM scores each step's own text, not one constant
 
     # evaluation with the new models: every mode, two budgets, from one run per mode
     out = tmp_path / "eval"
