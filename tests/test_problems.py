@@ -1,10 +1,12 @@
 """Problem sets (rstar.data.problems): the four benchmark files read in place, JSONL with custom
-fields, GSM8K `####` answers, malformed rows, duplicates, and the hub path offline."""
+fields, GSM8K `####` answers, malformed rows, duplicates, and the hub path offline or with the hub
+unreachable."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +213,96 @@ def test_hub_dataset_offline_gives_a_clear_error(tmp_path):
         in p.stderr
     )
     assert "local .json/.jsonl file" in p.stderr
+
+
+def _closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _unreachable_hub_env(tmp_path) -> tuple[dict[str, str], str]:
+    """The environment of a machine whose hub endpoint does not answer, with its own cache."""
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    env = {
+        k: v
+        for k, v in _env().items()
+        if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    return env, endpoint
+
+
+# Times only the load (importing datasets takes a while of its own on a busy machine).
+_TIMED_LOAD = """
+import json, sys, time
+import datasets
+from rstar.data.problems import ProblemError, load_problems
+t = time.monotonic()
+try:
+    out = {"ids": [p.id for p in load_problems(sys.argv[1])]}
+except ProblemError as e:
+    out = {"error": str(e)}
+print(json.dumps({**out, "seconds": time.monotonic() - t}))
+"""
+
+
+def test_hub_unreachable_fails_fast_and_names_the_endpoint(tmp_path):
+    # huggingface_hub retries a hub it cannot reach for about 30 s; a refused connection to
+    # $HF_ENDPOINT is seen by the probe at once and the dataset looked for in the cache only.
+    env, endpoint = _unreachable_hub_env(tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-c", _TIMED_LOAD, "hf:openai/gsm8k:main:test"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["seconds"] < 8, out
+    assert f"the hub at {endpoint} could not be reached" in out["error"]
+    assert "not in the local cache" in out["error"]
+    assert "Retrying" not in p.stderr
+    # Before the hub is asked, one line names the dataset and the ways around the hub.
+    assert (
+        f"fetching the dataset openai/gsm8k (hf:openai/gsm8k:main:test) from the Hugging Face hub at {endpoint}"
+        in p.stderr
+    )
+    assert "--data-dir or $RSTAR_DATA_DIR" in p.stderr
+
+
+def test_hub_unreachable_still_loads_a_cached_dataset(tmp_path):
+    # A dataset in the local datasets cache (written by datasets' own JSON builder, in the layout
+    # a hub download leaves: NAMESPACE___NAME/CONFIG/VERSION/HASH) loads with the hub unreachable.
+    env, _ = _unreachable_hub_env(tmp_path)
+    rows = tmp_path / "rows.jsonl"
+    _write_jsonl(rows, [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)])
+    make_cache = """
+import os, sys
+from datasets.packaged_modules.json.json import Json
+cache, rows = sys.argv[1], sys.argv[2]
+b = Json(cache_dir=cache, dataset_name="tiny", config_name="main", data_files={"test": rows})
+b.download_and_prepare()
+final = os.path.join(cache, "someone___tiny", "main", "0.0.0", "0123456789abcdef")
+os.makedirs(os.path.dirname(final))
+os.rename(b.cache_dir, final)
+"""
+    cache = str(tmp_path / "hf" / "datasets")
+    subprocess.run([sys.executable, "-c", make_cache, cache, str(rows)], env=env, check=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", _TIMED_LOAD, "hf:someone/tiny:main:test"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out.get("ids") == ["tiny-main-test:0", "tiny-main-test:1", "tiny-main-test:2"], (out, p.stderr)
+    assert out["seconds"] < 8, out
+    assert "could not be reached" in p.stderr and "local datasets cache only" in p.stderr
 
 
 def test_hub_spec_syntax_error():

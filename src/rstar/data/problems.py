@@ -5,7 +5,10 @@
   `{"index", "question", "answer"}`), or a JSONL file (`.jsonl`, or `.json` holding one object a
   line), with configurable field names;
 - `hf:NAME[:CONFIG][:SPLIT]`, a Hugging Face dataset via `datasets.load_dataset` (for users with
-  hub access; offline, a ProblemError says the hub could not be reached).
+  hub access; offline, a ProblemError says the hub could not be reached). Unless HF_HUB_OFFLINE
+  is set, the hub endpoint (`$HF_ENDPOINT`, or the proxy for it) is first probed with a TCP
+  connection of a few seconds; when it does not answer, the dataset is looked for in the local
+  datasets cache only, instead of spending half a minute in huggingface_hub's retries.
 
 Answers written as GSM8K solutions (`... #### 1,234`) are reduced to the final answer with the
 commas removed; the full solution is kept in `meta["solution"]`.
@@ -29,7 +32,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import sys
+import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,25 +179,109 @@ def _hub_rows(spec: str, split: str) -> tuple[str, Iterator[_Row]]:
         import datasets
     except ImportError as e:
         raise ProblemError(f"{spec}: loading hub datasets needs the `datasets` package") from e
-    offline = any(
+    env_offline = any(
         os.environ.get(v, "").lower() in ("1", "true", "yes")
         for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     )
+    # datasets reads the variables when it is imported; the environment may have been set since.
+    offline = env_offline or bool(datasets.config.HF_HUB_OFFLINE)
+    unreachable = None  # why the hub endpoint did not answer the probe
+    if not offline:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT  # honours $HF_ENDPOINT
+        print(
+            f"rstar: fetching the dataset {name} ({spec}) from the Hugging Face hub at {endpoint}; "
+            "a local file avoids this (for rstar eval: --data-dir or $RSTAR_DATA_DIR)",
+            file=sys.stderr,
+            flush=True,
+        )
+        why = _unreachable(endpoint)
+        if why is not None:
+            unreachable = f"the hub at {endpoint} could not be reached ({why})"
+            print(f"rstar: {unreachable}: looking in the local datasets cache only", file=sys.stderr)
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        with _hub_offline(offline or unreachable is not None):
+            ds = datasets.load_dataset(name, config, split=split)
     except ConnectionError as e:
         # datasets raises ConnectionError both offline (HF_HUB_OFFLINE=1) and with no network,
         # unless the dataset is already in the local cache.
-        why = "HF_HUB_OFFLINE is set" if offline else "no network or the hub is down"
+        if unreachable is not None:  # the cause would only say that offline mode was on
+            reason, cause = unreachable, ""
+        else:
+            why = "HF_HUB_OFFLINE is set" if offline else "no network or the hub is down"
+            reason, cause = f"the Hugging Face hub could not be reached ({why})", f" Cause: {e}"
         raise ProblemError(
-            f"{spec}: the Hugging Face hub could not be reached ({why}) and the dataset is not in "
-            f"the local cache; download it where the hub is reachable, or pass a local .json/.jsonl "
-            f"file instead (see `rstar problems --help`). Cause: {e}"
+            f"{spec}: {reason} and the dataset is not in the local cache; download it where the hub "
+            f"is reachable, or pass a local .json/.jsonl file instead (see `rstar problems --help`)."
+            f"{cause}"
         ) from e
     except Exception as e:  # unknown name/config/split, broken cache, ...
         raise ProblemError(f"{spec}: could not load the hub dataset: {type(e).__name__}: {e}") from e
     source = name.rsplit("/", 1)[-1] + (f"-{config}" if config else "") + f"-{split}"
     return source, ((f"{spec}: row {i}", i, row) for i, row in enumerate(ds))
+
+
+# How long the hub endpoint may take to accept a TCP connection (DNS included) before the dataset
+# is looked for in the local cache only (huggingface_hub's own retries take about 30 s).
+HUB_PROBE_S = 3.0
+
+
+def _unreachable(endpoint: str, timeout: float = HUB_PROBE_S) -> str | None:
+    """None when a TCP connection to the endpoint's host (or to the proxy the environment names
+    for it) opens within `timeout` seconds, else why not. An endpoint with no host: None."""
+    url = urllib.parse.urlsplit(endpoint)
+    if not url.hostname:
+        return None
+    default_port = 443 if url.scheme == "https" else 80
+    try:
+        host, port = url.hostname, url.port or default_port
+    except ValueError:  # a port that is not a number: let datasets report it
+        return None
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(url.hostname):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        try:
+            if p.hostname:
+                host, port = p.hostname, p.port or (443 if p.scheme == "https" else 80)
+        except ValueError:
+            return None
+    where = f"{host}:{port}" if host == url.hostname else f"the proxy {host}:{port}"
+    result: list[str | None] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+
+    t = threading.Thread(target=connect, name="rstar-hub-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        return f"no connection to {where} within {timeout:g} s"
+    return None if result[0] is None else f"{where}: {result[0]}"
+
+
+@contextmanager
+def _hub_offline(on: bool) -> Iterator[None]:
+    """Within the block, datasets and huggingface_hub work from the local cache only (their
+    offline mode, as HF_HUB_OFFLINE=1 gives it, read from these module attributes at call time);
+    the previous values are restored after."""
+    if not on:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _field_str(row: dict, key: str, where: str, *, allow_number: bool) -> str:
