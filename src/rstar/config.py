@@ -174,8 +174,10 @@ class EvolveConfig:
     seed_levels: list[int] = _f(
         [1, 2], "embedded world: levels whose reference solutions pre-train the base policy"
     )
-    seed_per_level: int = _f(
-        400, "embedded world: seed solutions per seed level (drawn apart from the searched problems)"
+    seed_per_level: list[int] = _f(
+        [400],
+        "embedded world: seed solutions per seed level (drawn apart from the searched problems); one "
+        "count for every seed level or one per seed level, in the order of seed_levels",
     )
     base_policy: str = _f(
         "", "policy to start from; empty = build a tiny Qwen2 and pre-train it on the seed set"
@@ -207,6 +209,11 @@ class EvolveConfig:
         500,
         "embedded world: seed solutions (a fixed sample) added to every round's SFT set, so that a "
         "policy fine-tuned round after round keeps its easy skills; 0 = none, -1 = all",
+    )
+    sft_repeat: int = _f(
+        1,
+        "copies of the round's extracted trajectories in its SFT set (1 = the paper); more weighs the "
+        "new solutions against a large seed set (sft_seed_records)",
     )
     ppm_pair_rounds: int = _f(
         1,
@@ -272,7 +279,14 @@ def validate(cfg: Config) -> None:
         sampling = getattr(cfg, section).sampling
         _check(sampling in SAMPLINGS, f"{section}.sampling", sampling, " | ".join(SAMPLINGS))
     e = cfg.evolve
+    _check(e.sft_repeat >= 1, "evolve.sft_repeat", e.sft_repeat, "1 or more")
     _check(e.sft_seed_records >= -1, "evolve.sft_seed_records", e.sft_seed_records, "-1 (all), 0 or more")
+    _check(
+        len(e.seed_per_level) in (1, len(e.seed_levels)) and min(e.seed_per_level, default=0) >= 0,
+        "evolve.seed_per_level",
+        e.seed_per_level,
+        "one count >= 0, or one per seed level",
+    )
     for name in ("train_per_level", "test_per_level"):
         counts = getattr(e, name)
         _check(counts and min(counts) >= 0, f"evolve.{name}", counts, "one count >= 0, or one per level")

@@ -184,9 +184,8 @@ def prepare_problems(cfg: Config, run: Path) -> dict:
     )
     # Seed solutions come from another seed's draws, minus any question that is searched.
     searched = {p.question for p in train}
-    seed_pool = make_split(
-        "train", {lv: e.seed_per_level for lv in e.seed_levels}, world, seed=e.world_seed + 1
-    )
+    counts = e.seed_per_level * len(e.seed_levels) if len(e.seed_per_level) == 1 else e.seed_per_level
+    seed_pool = make_split("train", dict(zip(e.seed_levels, counts)), world, seed=e.world_seed + 1)
     seed = seed_sft_records([p for p in seed_pool if p.question not in searched])
     write_problems(pdir / "train.jsonl", train)
     write_problems(pdir / "test.jsonl", test)
@@ -262,7 +261,9 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
     from rstar.search.treefile import run_records
 
     recs = run_records(run / f"round{r}")
-    sft = extract_sft(recs)
+    # The round's own trajectories, `sft_repeat` times over: beside thousands of seed
+    # solutions a few hundred new ones are too small a share to move the policy.
+    sft = extract_sft(recs) * max(1, cfg.evolve.sft_repeat)
     pairs = extract_ppm(recs)
     seed_path = run / "problems" / "seed_sft.jsonl"
     keep = cfg.evolve.sft_seed_records

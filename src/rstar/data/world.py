@@ -73,6 +73,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -304,6 +305,10 @@ class WorldConfig:
     names/items/containers/places: the vocabulary. templates: phrasings per operation kind
     (see TEMPLATES for the slots). kind_weights: relative frequency of each kind.
     max_tries: attempts per problem before giving up (a constraint that cannot be met).
+    no_shortcuts: reject a story whose answer is also what a program prints that skips some
+    of its operations (`shortcut_answers`): a policy that skips sentences, the tiny policy's
+    measured failure, must not reach the gold answer by luck, or the search "solves" long
+    problems with short wrong programs and self-evolution trains on them.
     """
 
     levels: tuple[LevelSpec, ...] = DEFAULT_LEVELS
@@ -324,6 +329,7 @@ class WorldConfig:
     templates: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(TEMPLATES))
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS))
     max_tries: int = 2000
+    no_shortcuts: bool = True
 
     @property
     def n_levels(self) -> int:
@@ -574,6 +580,39 @@ def _try_problem(rng: random.Random, spec: LevelSpec, cfg: WorldConfig) -> dict[
     }
 
 
+def shortcut_answers(draft: dict[str, Any]) -> set[int]:
+    """What the story's program prints when one or more of its operation lines are left out
+    (every such subset; the first line, which sets the start, always stays). A line whose
+    variable no longer exists makes that program fail, and it is left out of the set.
+
+    Why: the search scores a trajectory by its final answer alone, so a wrong program that
+    happens to print the gold answer (19 + 5 - 5 + 19 = 38 for "19, +24, -5, halve, +19")
+    counts as a solution and becomes training data. With 2-6 small integers per story such
+    coincidences are common; rejecting the stories where skipping sentences lands on the
+    gold answer removes the failure the tiny policy actually makes. The lines are our own
+    generated code (not model output), so they run here, not in the sandbox.
+    """
+    lines = [s.code for s in draft["plan"] if s.code is not None]
+    if draft["question"].code:
+        lines.append(draft["question"].code)
+    head, ops = lines[0], lines[1:]
+    compiled = [compile(line, "<world>", "exec") for line in ops]
+    out: set[int] = set()
+    for keep in itertools.product((True, False), repeat=len(ops)):
+        if all(keep):
+            continue
+        env: dict[str, int] = {}
+        try:
+            exec(head, {}, env)
+            for code, k in zip(compiled, keep):
+                if k:
+                    exec(code, {}, env)
+            out.add(env[draft["final_var"]])
+        except (NameError, KeyError, ZeroDivisionError):
+            continue
+    return out
+
+
 def _render(s: _Sentence, last_person: str | None, gender: dict[str, str]) -> tuple[str, str | None]:
     """The sentence text and its grammatical subject (a person, or None).
 
@@ -623,7 +662,7 @@ def generate_problem(
     spec = cfg.levels[level - 1]
     for _ in range(cfg.max_tries):
         draft = _try_problem(rng, spec, cfg)
-        if draft is not None:
+        if draft is not None and not (cfg.no_shortcuts and draft["answer"] in shortcut_answers(draft)):
             break
     else:
         raise RuntimeError(
