@@ -141,6 +141,37 @@ def test_distractors_as_specified_and_unused_by_the_solution(train):
         assert set(p.meta["ops"]) & set(world.DIVISION_KINDS)
 
 
+def _program_lines(solution: str) -> tuple[list[str], str]:
+    """The code lines of a reference solution (comments and the print left out) and the
+    variable it prints."""
+    code = steps.program(steps.split_steps(solution))
+    lines = [ln for ln in code.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    final = re.fullmatch(r"print\((\w+)\)", lines[-1])
+    assert final, lines
+    return lines[:-1], final.group(1)
+
+
+def test_shortcut_answers_of_a_program_with_lines_left_out():
+    lines = ["x = 19", "x = x + 24", "x = x - 5", "x = x // 2", "x = x + 19"]
+    got = world.shortcut_answers(lines, "x")
+    assert 38 in got  # 19 + 19: the first three operations skipped lands on the gold answer
+    assert {19, 19 + 24} <= got  # every operation skipped; all but the first skipped
+    assert world.shortcut_answers(["x = 2", "x = x * 10"], "x") == {2}  # the full program (20) is not one
+    # without the line that sets z, "y = z * 2" fails and that program is left out
+    assert world.shortcut_answers(["y = 3", "z = y + 1", "y = z * 2"], "y") == {3}
+
+
+def test_no_answer_is_reachable_by_skipping_sentences(train):
+    """The gold answer of every problem differs from what any program skipping some of its
+    operations prints; without the rule, such stories are common at the top level."""
+    for p in train:
+        lines, final = _program_lines(p.meta["solution"])
+        assert int(p.answer) not in world.shortcut_answers(lines, final), p.question
+    loose = world.make_split("train", {4: 60}, world.WorldConfig(no_shortcuts=False), seed=0)
+    hits = [p for p in loose if int(p.answer) in world.shortcut_answers(*_program_lines(p.meta["solution"]))]
+    assert len(hits) >= 3, len(hits)
+
+
 def test_varied_phrasings(train):
     seen: dict[str, set[str]] = defaultdict(set)
     for p in train:

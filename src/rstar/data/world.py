@@ -580,23 +580,20 @@ def _try_problem(rng: random.Random, spec: LevelSpec, cfg: WorldConfig) -> dict[
     }
 
 
-def shortcut_answers(draft: dict[str, Any]) -> set[int]:
-    """What the story's program prints when one or more of its operation lines are left out
-    (every such subset; the first line, which sets the start, always stays). A line whose
-    variable no longer exists makes that program fail, and it is left out of the set.
+def shortcut_answers(lines: list[str], final_var: str) -> set[int]:
+    """What a straight-line program prints when one or more of its lines after the first
+    are left out (every such subset; the first line sets the start and always stays). A
+    program whose variable no longer exists fails and is left out of the set.
 
     Why: the search scores a trajectory by its final answer alone, so a wrong program that
     happens to print the gold answer (19 + 5 - 5 + 19 = 38 for "19, +24, -5, halve, +19")
     counts as a solution and becomes training data. With 2-6 small integers per story such
     coincidences are common; rejecting the stories where skipping sentences lands on the
-    gold answer removes the failure the tiny policy actually makes. The lines are our own
-    generated code (not model output), so they run here, not in the sandbox.
+    gold answer (`WorldConfig.no_shortcuts`) removes the failure the tiny policy actually
+    makes. The lines are the world's own generated code (not model output), so they run
+    here, not in the sandbox.
     """
-    lines = [s.code for s in draft["plan"] if s.code is not None]
-    if draft["question"].code:
-        lines.append(draft["question"].code)
-    head, ops = lines[0], lines[1:]
-    compiled = [compile(line, "<world>", "exec") for line in ops]
+    head, ops = lines[0], [compile(line, "<world>", "exec") for line in lines[1:]]
     out: set[int] = set()
     for keep in itertools.product((True, False), repeat=len(ops)):
         if all(keep):
@@ -604,13 +601,18 @@ def shortcut_answers(draft: dict[str, Any]) -> set[int]:
         env: dict[str, int] = {}
         try:
             exec(head, {}, env)
-            for code, k in zip(compiled, keep):
+            for code, k in zip(ops, keep):
                 if k:
                     exec(code, {}, env)
-            out.add(env[draft["final_var"]])
+            out.add(env[final_var])
         except (NameError, KeyError, ZeroDivisionError):
             continue
     return out
+
+
+def _draft_lines(draft: dict[str, Any]) -> list[str]:
+    lines = [s.code for s in draft["plan"] if s.code is not None]
+    return lines + ([draft["question"].code] if draft["question"].code else [])
 
 
 def _render(s: _Sentence, last_person: str | None, gender: dict[str, str]) -> tuple[str, str | None]:
@@ -662,7 +664,9 @@ def generate_problem(
     spec = cfg.levels[level - 1]
     for _ in range(cfg.max_tries):
         draft = _try_problem(rng, spec, cfg)
-        if draft is not None and not (cfg.no_shortcuts and draft["answer"] in shortcut_answers(draft)):
+        if draft is not None and not (
+            cfg.no_shortcuts and draft["answer"] in shortcut_answers(_draft_lines(draft), draft["final_var"])
+        ):
             break
     else:
         raise RuntimeError(
