@@ -241,6 +241,33 @@ def test_selected_answers_and_the_pass_rule():
     assert answers["majority"] == "0.5" and answers["best_of_n"] == "0.5"
 
 
+def test_weighted_votes_shift_scores_by_one_and_unanswered_trajectories_join_no_class():
+    from rstar.evaluate import _choices
+
+    # weights score + 1: one answer at 0.9 (1.9) outweighs two at -0.2 (2 * 0.8); shifted by
+    # two instead, the pair (2 * 1.8) would outweigh it (2.9)
+    trajs = [T("1", 0.9, True), T("2", -0.2, False), T("2", -0.2, False)]
+    assert select(trajs, top_k=3, same=exact)["topk_weighted"] is True
+    # unanswered trajectories each get a class of their own, apart from every answer's class:
+    # the winning class's answer is "x", never an unanswered trajectory's None
+    trajs = [
+        T(None, 0.1, False),
+        T(None, 0.2, False),
+        T("x", 0.3, True),
+        T("x", 0.4, True),
+        T("y", 0.5, False),
+    ]
+    answers, correct = _choices(trajs, 5, exact)
+    assert answers == {
+        "majority": "x",
+        "best_of_n": "y",
+        "topk_vote": "x",
+        "topk_weighted": "x",
+        "pass": None,
+    }
+    assert correct["majority"] and correct["topk_vote"] and not correct["best_of_n"]
+
+
 def test_budget_held_and_grouping_by_problem():
     from rstar.evaluate import budget_held, group_by_problem
 

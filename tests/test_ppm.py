@@ -129,7 +129,11 @@ def test_long_prefix_is_cut_from_the_left(toy_ppm: tuple[Path, dict, list[dict]]
 
 
 def test_a_policy_directory_is_not_a_reward_model(tiny_dir: Path) -> None:
-    with pytest.raises(RstarError, match="not a reward-model directory"):
+    with pytest.raises(
+        RstarError,
+        match=r"not a reward-model directory \(its config.json has no 'rstar_reward'\); "
+        r"train one with `rstar train ppm DATA --model SFT_DIR --out DIR`$",
+    ):
         load_reward_model(tiny_dir)
     with pytest.raises(RstarError, match="not a model directory"):
         load_reward_model(tiny_dir / "missing")
@@ -185,6 +189,12 @@ def test_encode_keeps_a_leading_bos(toy_ppm: tuple[Path, dict, list[dict]]) -> N
     assert encode(WithBos(), "abcdef", 4) == [1, 13, 14, 15]
     assert encode(WithBos(), "ab", 4) == [1, 10, 11]
     assert encode(WithBos(), "abc", 4) == [1, 10, 11, 12]
+
+    class BosNotAdded(WithBos):  # a BOS token this tokenizer does not put in front
+        def __call__(self, text, add_special_tokens=True, verbose=False):
+            return {"input_ids": [10 + i for i in range(len(text))]}
+
+    assert encode(BosNotAdded(), "abcdef", 4) == [12, 13, 14, 15]
 
 
 def test_prefixes_and_steps_must_pair_up(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
@@ -250,3 +260,63 @@ def test_a_reward_model_object_needs_its_record_and_tanh(tiny_dir: Path) -> None
         ValueError, match="the model's config has no 'rstar_reward': build it with init_reward_model"
     ):
         HFRewardModel(model, tokenizer=tok, device="cpu")
+
+
+def test_defaults_dtype_and_pad_token_of_a_reward_model(tiny_dir: Path, toy_ppm) -> None:
+    from rstar.models.hf import resolve_device
+    from rstar.models.ppm import init_reward_model
+
+    model, tok = init_reward_model(tiny_dir)  # a PPM unless told otherwise
+    assert model.config.rstar_reward["kind"] == "ppm" and model.dtype == torch.float32
+    assert init_reward_model(tiny_dir, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+    # a model object needs its tokenizer; the error names the class
+    with pytest.raises(ValueError, match=r"^HFRewardModel\(model=<PreTrainedModel>\) needs tokenizer=$"):
+        HFRewardModel(model, device="cpu")
+    # a tokenizer without a pad token pads with EOS ...
+    tok.pad_token = None
+    rm = HFRewardModel(model, tokenizer=tok, device="cpu")
+    assert rm.pad_id == tok.eos_token_id == model.config.pad_token_id
+    assert rm.score(["a", "a longer prefix"], ["b", "c"]) == [0.0, 0.0]  # zero head, padded batch
+    # ... and one with a pad token keeps it (the tiny tokenizer's is not EOS)
+    rm = HFRewardModel(toy_ppm[0])  # device "auto", batches of 64
+    assert rm.tokenizer.pad_token == "<|pad|>" and rm.pad_id != rm.tokenizer.eos_token_id
+    assert rm.pad_id == rm.tokenizer.pad_token_id == rm.model.config.pad_token_id
+    assert (rm.device, rm.max_batch_size) == (resolve_device("auto"), 64)
+
+
+def test_load_reward_model_passes_its_settings_on(monkeypatch) -> None:
+    import rstar.models.ppm as ppm
+
+    seen = {}
+    monkeypatch.setattr(ppm, "HFRewardModel", lambda path, **kw: seen.update(path=path, **kw) or "rm")
+    assert ppm.load_reward_model("dir", device="cuda:1", dtype="float16", max_batch_size=7) == "rm"
+    assert seen == {"path": "dir", "device": "cuda:1", "dtype": "float16", "max_batch_size": 7}
+
+
+def test_score_texts_moves_the_batch_and_its_mask_to_the_device_and_times_the_model(
+    toy_ppm, monkeypatch
+) -> None:
+    """The model gets each padded batch with its attention mask, both on the model's device;
+    `model_seconds` adds up the time spent in the model, starting from zero."""
+    from types import SimpleNamespace
+
+    import rstar.models.ppm as ppm
+
+    rm = load_reward_model(toy_ppm[0], device="cpu", max_batch_size=2)
+    assert rm.model_seconds == 0.0
+    seen = []
+
+    def model(input_ids, attention_mask):
+        seen.append((input_ids.device.type, attention_mask.device.type, tuple(attention_mask.shape)))
+        return SimpleNamespace(logits=torch.zeros(len(input_ids), 1))
+
+    clock = iter(range(100))
+    monkeypatch.setattr(ppm, "time", SimpleNamespace(perf_counter=lambda: 10.0 * next(clock)))
+    rm.model, rm.device = model, torch.device("meta")
+    longest = len(encode(rm.tokenizer, "a b c", rm.max_length))
+    assert rm.score_texts(["a b c", "a"]) == [0.0, 0.0]
+    assert seen == [("meta", "meta", (2, longest))]  # one batch, padded to its longest text
+    assert rm.tokens_scored == longest + len(encode(rm.tokenizer, "a", rm.max_length))
+    assert rm.model_seconds == 10.0  # one perf_counter pair around the forward passes
+    rm.score_texts(["a"])
+    assert rm.model_seconds == 20.0

@@ -138,6 +138,10 @@ def test_error_threshold_two_lets_a_failed_step_continue(sandbox, grader):
     [(_, tree, _)] = search(cfg, backends, problems(1))
     err = [n for n in tree.children(tree.root) if "undefined" in n.text]
     assert err and err[0].exec_ok is False and err[0].error_streak == 1 and err[0].terminal is None
+    # a failed step keeps its error; a step whose code ran (before the program's end) has none
+    assert "NameError" in err[0].observation and "undefined_" in err[0].observation
+    ran = [n for n in tree.nodes if n.kind == "code" and n.exec_ok]
+    assert ran and all(n.observation is None for n in ran)
 
 
 def test_uct_unvisited_switch_and_ppm_values():
@@ -602,7 +606,7 @@ def test_parallel_rollouts_keep_the_invariants_and_batch_their_leaves(sandbox, g
     """search.parallel_rollouts: several walkers descend at once; their virtual losses are
     taken back, each rollout is stamped on what it reached, and the distinct leaves of one
     step of the walkers go to the policy in one call."""
-    for preset, ppm in (("round2", False), ("eval", True)):
+    for preset, ppm in (("round2", False), ("round3", True), ("eval", True)):
         calls = {}
         for k in (1, 2, 4):
             cfg = load_config(
@@ -625,6 +629,7 @@ def test_parallel_rollouts_keep_the_invariants_and_batch_their_leaves(sandbox, g
             calls[k] = sum(sum(1 for n in counts if n) for counts in per_search)
             if k > 1:  # after the root's expansion, one batch carries several nodes of a search
                 assert max(max(counts) for counts in per_search) >= 2, per_search
+            assert max(max(counts) for counts in per_search) <= k, per_search  # k walkers at most
         assert calls[4] < calls[1] and calls[2] < calls[1], calls
 
 
@@ -753,3 +758,106 @@ def test_uct_has_no_exploration_term_while_the_parent_has_one_visit():
         assert uct(child, tree.root, 2.0, "inf") == 0.4
     tree.root.N = 2
     assert uct(child, tree.root, 2.0, "inf") == pytest.approx(0.4 + 2.0 * math.sqrt(math.log(2)))
+
+
+def test_parallel_rollouts_start_every_rollout_once(sandbox, grader):
+    # Eight distinct first steps, each a program with one answer: every rollout, in batches of
+    # four walkers, takes a first step of its own and ends at a new answer stamped with it.
+    policy = BranchingPolicy(depth=1, valid=8)
+    cfg = load_config(
+        "round2",
+        overrides=["search.rollouts=8", "search.num_samples=8", "search.parallel_rollouts=4"],
+    )
+    [(_, tree, _)] = search(cfg, Backends(policy=policy, sandbox=sandbox, grader=grader), problems(1))
+    check_tree_invariants(tree)
+    assert sorted(a.rollout for a in tree.answers()) == list(range(8))
+    assert tree.root.N == 8 and tree.root.q == 8.0
+
+
+class _CountingGrader:
+    """The real grader, recording the (gold, prediction) pairs of each call."""
+
+    def __init__(self, grader):
+        self.grader, self.calls = grader, []
+
+    def grade_many(self, pairs):
+        self.calls.append(list(pairs))
+        return self.grader.grade_many(pairs)
+
+
+def test_answers_are_graded_only_when_there_is_a_gold_answer_and_an_answer(sandbox, grader):
+    from rstar.search.solve import solve
+
+    cfg = load_config("eval", overrides=["search.rollouts=6", "search.num_samples=4"])
+    counting = _CountingGrader(grader)
+    backends = Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=counting, reward=ScriptedReward())
+    tree = solve("What is 20 + 22?", cfg, backends)  # inference: no gold answer, nothing graded
+    assert tree.answers() and all(a.correct is None for a in tree.answers())
+    assert counting.calls == []
+    tree = solve("What is 20 + 22?", cfg, backends, gold="42")
+    # one call per expansion that made answers (never an empty one), each against the gold
+    assert counting.calls and all(counting.calls)
+    assert {g for call in counting.calls for g, _ in call} == {"42"}
+    assert {a.answer for a in tree.answers() if a.correct} == {"42"}
+
+
+def test_scoring_without_a_reward_model_names_what_is_missing():
+    from rstar.models.base import Completion
+    from rstar.search.expand import SearchContext, expand
+
+    ctx = SearchContext(cfg=load_config("eval").search, question="What is 1 + 2?")
+    tree = ctx.new_tree()
+    steps = expand(tree, ctx, [tree.root], 1, score=True)
+    next(steps)  # the Generate request
+    with pytest.raises(RuntimeError, match=r"^this search needs a reward model \(--ppm\) to score steps$"):
+        steps.send([[Completion(text="<answer>\\boxed{3}<end_of_answer>", stop_reason="stop", n_tokens=5)]])
+
+
+def test_parallel_rollouts_are_reproducible(sandbox, grader):
+    # Twelve first steps ranked alike: which ones the walkers take is a tie broken by the
+    # search's seeded generator, so the same search gives the same tree.
+    cfg = load_config(
+        "round2", overrides=["search.rollouts=4", "search.num_samples=12", "search.parallel_rollouts=2"]
+    )
+    trees = [
+        search(
+            cfg,
+            Backends(policy=BranchingPolicy(depth=1, valid=12), sandbox=sandbox, grader=grader),
+            problems(1),
+        )[0][1]
+        for _ in range(3)
+    ]
+    assert trees[0].to_dict() == trees[1].to_dict() == trees[2].to_dict()
+
+
+def test_which_searches_settle_by_value():
+    from rstar.search.expand import settles_by_value
+
+    want = {"round1": False, "round2": False, "round3": False, "round4": False, "eval": True}
+    for preset, by_value in want.items():
+        assert settles_by_value(load_config(preset).search) is by_value, preset
+    for mode in ("beam", "bon", "greedy"):  # whatever terminal_guided says
+        for guided in ("true", "false"):
+            cfg = load_config("round2", overrides=[f"search.mode={mode}", f"search.terminal_guided={guided}"])
+            assert settles_by_value(cfg.search) is True, (mode, guided)
+
+
+def test_best_answer_node_by_value_by_q_or_as_the_tree_says():
+    tree = Tree.new("q", "p")
+    liked = tree.add_child(tree.root, "a", kind="answer", terminal=ANSWER, value=0.9, q=-1.0, N=1)
+    right = tree.add_child(tree.root, "b", kind="answer", terminal=ANSWER, value=0.1, q=1.0, N=1)
+    assert best_answer_node(tree, by_value=True) is liked
+    assert best_answer_node(tree, by_value=False) is right
+    assert best_answer_node(tree) is liked  # values on every answer: by value
+    right.value = None
+    assert best_answer_node(tree) is right and best_answer_node(tree, by_value=True) is right  # by Q
+    assert best_answer_node(Tree.new("q", "p")) is None
+
+
+def test_a_prefix_is_the_prompt_and_the_steps_as_written():
+    tree = Tree.new("What is 1 + 2?", "PROMPT|")
+    assert (tree.root.text, tree.root.kind, tree.prefix(tree.root)) == ("", "root", "PROMPT|")
+    a = tree.add_child(tree.root, "<code>\nx = 1\n<end_of_step>")
+    b = tree.add_child(a, "\n\ny = 2\n<end_of_step>")
+    assert tree.prefix(b) == "PROMPT|<code>\nx = 1\n<end_of_step>\n\ny = 2\n<end_of_step>"
+    assert tree.to_dict()["nodes"][0]["text"] == ""  # the root holds no step in a tree file
