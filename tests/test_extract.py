@@ -600,8 +600,8 @@ def _del(path: str):
         (_del("problem.id"), "record 0: not a tree record: missing field 'problem.id'"),
         (_set("problem", "p:1"), "record 0: not a tree record: missing field 'problem.id'"),
         (_del("tree"), "record 0: not a tree record: missing field 'tree'"),
-        (_del("tree.question"), "missing field 'tree.question'"),
-        (_del("tree.nodes"), "missing field 'tree.nodes'"),
+        (_del("tree.question"), "record 0: not a tree record: missing field 'tree.question'"),
+        (_del("tree.nodes"), "record 0: not a tree record: missing field 'tree.nodes'"),
         (_set("tree.nodes", []), "record 0: tree.nodes is not a non-empty list"),
         (_set("tree.nodes", {"0": {}}), "record 0: tree.nodes is not a non-empty list"),
         (_set("tree.nodes.2", "a node"), r"missing field 'tree.nodes\[2\].id'"),
@@ -651,6 +651,13 @@ def test_a_record_parsed_keeps_what_extraction_needs():
     assert s.question == t.question and s.tree.to_dict() == t.to_dict()
     del rec["search_index"]
     assert ex.parse_search("x", rec).index == 0  # older records: one search per problem
+    del rec["tree"]["prompt"]
+    assert ex.parse_search("x", rec).tree.prompt == ""
+    # a child id one past the last node is refused like any other stranger
+    n = len(rec["tree"]["nodes"])
+    rec["tree"]["nodes"][0]["children"].append(n)
+    with pytest.raises(RstarError, match=rf"^x: tree.nodes\[0\]: child {n} is not a node of it$"):
+        ex.parse_search("x", rec)
 
 
 @pytest.mark.parametrize(
@@ -667,7 +674,7 @@ def test_bad_arguments_are_refused_before_any_record_is_read(kwargs, message):
         raise AssertionError("read")
         yield
 
-    with pytest.raises(RstarError, match=re.escape(message)):
+    with pytest.raises(RstarError, match="^" + re.escape(message) + "$"):
         ex.extract_ppm(records(), **kwargs)
     assert ex.extract_ppm([make_record(tree1()[0])], top_k=1, min_margin=0.0, min_edit_distance=0)
 
@@ -723,3 +730,234 @@ def test_write_records_jsonl_json_and_stdout(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "sft.json"]  # no temporary left
     ex.write_records(recs, "-")
     assert capsys.readouterr().out == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+
+
+# --- what make mutate's rerun found uncovered (issue 22) --------------------------------------
+
+
+def test_an_error_streak_is_an_error_without_exec_ok():
+    # an older record without exec_ok: the streak alone marks the failed step
+    assert ex.is_error(Node(id=1, parent=0, depth=1, text="x", kind="code", error_streak=1))
+    assert not ex.is_error(Node(id=1, parent=0, depth=1, text="x", kind="code", exec_ok=True))
+
+
+def test_a_subtree_summary_is_over_every_child_not_the_last():
+    t = Tree.new(Q1, sft_prompt(Q1))
+    a = step(t, t.root, "A", 3, 3.0)
+    b = code_end(t, a, "A", 3, 3.0)
+    answer(t, b, "A", "42", 1, 1.0)  # correct, no error on its path
+    answer(t, b, "U", "42", 1, 1.0).correct = None  # ungraded
+    step(t, b, "Z", 1, 0.0)  # the last child: open, nothing below it
+    _, _, sub = ex._analyse(t)
+    s = sub[b.id]
+    assert (s.has_terminal, s.correct_clean, s.correct_any, s.ungraded) == (True, True, True, True)
+
+
+def test_scored_paths_name_their_terminal_search_and_node():
+    t, n = tree1()
+    paths = ex.scored_paths(ex.parse_search("r", make_record(t, index=3)))  # invalid ones too
+    assert {p.node_id: p.terminal for p in paths} == {x.id: x.terminal for x in t.nodes if x.is_terminal}
+    assert {p.index for p in paths} == {3} and n["D1"].id in {p.node_id for p in paths}
+
+
+def test_best_keeps_each_text_at_its_best_rank():
+    def path(text, q, node_id):
+        return ex.ScoredPath(text, True, ANSWER, q, q, True, True, 0, node_id)
+
+    best = ex._Best(2, ex._high_q)
+    for p in (path("a", 0.9, 1), path("b", 0.5, 2), path("a", 0.1, 3), path("c", 0.3, 4)):
+        best.add(p)
+    assert [(p.text, p.node_id) for p in best.best()] == [("a", 1), ("b", 2)]
+
+
+def test_filters_at_their_thresholds_and_their_counts():
+    stats = ex.ExtractStats()
+    margin = ex._Filter(0.5, 0, stats)
+    assert margin.keep("a", "b", 0.5) and not margin.keep("a", "b", 0.49)  # at the threshold: kept
+    assert ex._Filter(0.0, 0, stats).keep("a", "b", -0.5)  # 0 = off, even for a negative margin
+    distance = ex._Filter(0.0, 1, stats)
+    assert distance.keep("abc", "abd", None)  # one character apart: kept at 1
+    assert not distance.keep("abc", "abc", None) and not distance.keep("x", "x", None)
+    assert (stats.filtered_margin, stats.filtered_edit_distance) == (1, 2)
+
+
+def test_the_edit_distance_filter_names_its_missing_dependency(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rapidfuzz.distance", None)  # import fails
+    with pytest.raises(
+        RstarError,
+        match=r"^the edit-distance filter needs rapidfuzz \(pip install rapidfuzz\), "
+        r"or pass --min-edit-distance 0$",
+    ):
+        ex._Filter(0.0, 20, ex.ExtractStats())
+
+
+def test_step_positives_tie_on_q_go_to_more_visits():
+    t = Tree.new(Q1, sft_prompt(Q1))
+    chain(t, "P", "42", (1.0, 1.0, 1.0), N=1)
+    many = chain(t, "M", "42", (1.0, 1.0, 1.0), N=3)
+    chain(t, "B", "40", (-1.0, -1.0, -1.0), N=2)
+    pairs = ex.extract_ppm([make_record(t)], top_k=1, min_margin=0, min_edit_distance=0)
+    assert pairs[0]["pos"] == ex.split_step(Q1, t, many[0])[1]  # the first step pair, at the root
+    assert ex.whole(Q1, "r") == (ppm_prompt(Q1), ex._FIRST_STEP_HEAD + "r")
+
+
+def test_problems_in_natural_order_with_repeats_reruns_coverage_and_counts():
+    t, _ = tree1()
+    other = Tree.new("What is 2 + 2?", sft_prompt("What is 2 + 2?"))
+    chain(other, "K", "42", (1.0, 1.0, 1.0))
+    wrong = Tree.new(Q1, sft_prompt(Q1))
+    chain(wrong, "W", "41", (-1.0, -1.0, -1.0))
+    rerun = make_record(other, pid="p:2")
+    rerun["seed"] = 7  # the same search key with another seed: a search of its own
+    recs = [
+        make_record(t, pid="p:10"),
+        make_record(t, pid="p:10"),  # read again: skipped
+        make_record(t, pid="p:10", index=2),
+        make_record(t, pid="p:10"),  # and again
+        make_record(wrong, pid="p:10", index=1),  # solves nothing: p:10 stays covered
+        make_record(other, pid="p:2"),
+        rerun,
+    ]
+    stats = ex.ExtractStats()
+    sft = ex.extract_sft(recs, stats=stats)
+    assert [r["query"] for r in sft] == ["What is 2 + 2?", Q1, Q1]  # p:2 before p:10
+    assert (stats.trees, stats.duplicates, stats.problems, stats.covered) == (5, 2, 2, 2)
+    assert stats.by_level == {"Level 2": [2, 2]}
+    assert (stats.records, stats.problems_with_data) == (3, 2)
+    assert stats.correct_with_errors == 2  # H's correct answer behind a failed step, per search
+
+
+def test_pair_counts_add_up_over_problems_and_shared_branches_pair_once():
+    t, _ = tree1()
+    alone = [ex.ExtractStats(), ex.ExtractStats()]
+    for pid, stats in zip(("p:1", "p:2"), alone):
+        ex.extract_ppm([make_record(t, pid=pid)], stats=stats)
+    both = ex.ExtractStats()
+    ex.extract_ppm([make_record(t, pid="p:1"), make_record(t, pid="p:2")], stats=both)
+    assert alone[0].step_pairs > 0 and alone[0].whole_pairs > 0
+    assert both.step_pairs == 2 * alone[0].step_pairs and both.whole_pairs == 2 * alone[0].whole_pairs
+    # a rerun of a search (same key, another seed) pairs after it, whichever is read first
+    rerun = make_record(second_tree()[0])
+    rerun["seed"] = 7
+    off = {"min_margin": 0, "min_edit_distance": 0}
+    assert ex.extract_ppm([rerun, make_record(t)], **off) == ex.extract_ppm([make_record(t), rerun], **off)
+    # two searches of one problem that share every branch: each pair once
+    assert ex.extract_ppm([make_record(t, index=0), make_record(t, index=1)]) == ex.extract_ppm(
+        [make_record(t)]
+    )
+
+
+def test_orm_defaults_thresholds_and_invalid_negatives():
+    t, n = tree1()
+    recs = [make_record(t)]
+    assert ex.extract_orm(recs, top_k=1) == ex.extract_orm(recs, top_k=1, seed=0)
+    assert ex.extract_orm(recs, top_k=1, seed=0) != ex.extract_orm(recs, top_k=1, seed=3)  # the seed decides
+    with pytest.raises(RstarError, match=r"^the filters' thresholds must be >= 0$"):
+        ex.extract_orm(recs, min_edit_distance=-1)
+    cut = ex.whole(Q1, text(t, n["D1"]))[1]
+    negs = {p["neg"] for p in ex.extract_orm(recs, top_k=10, min_edit_distance=0, invalid_negatives=True)}
+    assert cut in negs
+    negs = {p["neg"] for p in ex.extract_orm(recs, top_k=10, min_edit_distance=0)}
+    assert negs and cut not in negs
+
+
+def test_write_records_renames_a_hidden_temporary_beside_the_target_and_cleans_up(tmp_path, monkeypatch):
+    import os
+
+    moves, replace = [], os.replace
+    monkeypatch.setattr(ex.os, "replace", lambda a, b: moves.append((Path(a), Path(b))) or replace(a, b))
+    out = tmp_path / "d" / "sft.jsonl"
+    ex.write_records([{"a": 1}], out)
+    [(src, dst)] = moves
+    assert dst == out and src.parent == out.parent and src.name.startswith(".sft.jsonl.")
+    with pytest.raises(TypeError):
+        ex.write_records([{"a": object()}], out)  # not JSON: the old file stays, no temporary left
+    assert [p.name for p in out.parent.iterdir()] == ["sft.jsonl"] and out.read_text() == '{"a": 1}\n'
+
+
+def test_summary_lines_of_each_extraction():
+    import argparse
+
+    stats = ex.ExtractStats(
+        files=2,
+        trees=3,
+        duplicates=1,
+        problems=4,
+        covered=3,
+        by_level={"Level 10": [1, 1], "Level 2": [3, 2]},
+        records=5,
+        step_pairs=3,
+        whole_pairs=2,
+        filtered_margin=4,
+        filtered_edit_distance=6,
+        correct_with_errors=1,
+        problems_with_data=2,
+    )
+    args = argparse.Namespace(out="p.jsonl", min_margin=0.5, min_edit_distance=20)
+    head = [
+        "read 3 tree(s) of 4 problem(s) from 2 file(s); 1 repeated search(es) skipped",
+        "coverage: 3/4 (75.0%) problems have a correct trajectory",
+        "  Level 2: 2/3 (66.7%)",
+        "  Level 10: 1/1 (100.0%)",
+    ]
+    assert ex.summary("ppm", stats, args) == head + [
+        "wrote 5 PPM pairs for 2 problem(s) to p.jsonl",
+        "  step pairs 3, whole-trajectory pairs 2",
+        "  correct trajectories left out for a failed step: 1",
+        "  pairs filtered: 4 with Q margin < 0.5, 6 with edit distance < 20",
+    ]
+    assert ex.summary("coverage", stats, args) == head
+    args = argparse.Namespace(out="-", min_margin=0.0, min_edit_distance=0)
+    assert (
+        ex.summary("ppm", stats, args)[-1] == "  pairs filtered: margin filter off, edit-distance filter off"
+    )
+    # one level (not "none"); ORM has no margin filter
+    stats = ex.ExtractStats(files=1, trees=2, problems=2, covered=1, by_level={"Level 3": [2, 1]})
+    stats.correct_with_errors = 2
+    assert ex.summary("orm", stats, argparse.Namespace(out="o.jsonl", min_edit_distance=20)) == [
+        "read 2 tree(s) of 2 problem(s) from 1 file(s)",
+        "coverage: 1/2 (50.0%) problems have a correct trajectory",
+        "  Level 3: 1/2 (50.0%)",
+        "wrote 0 ORM pairs for 0 problem(s) to o.jsonl",
+        "  correct trajectories left out for a failed step: 2",
+        "  pairs filtered: 0 with edit distance < 20",
+    ]
+    # "none" beside a level is listed; "none" alone is not; PQM reports no failed-step count
+    stats = ex.ExtractStats(
+        files=1, trees=2, problems=2, covered=1, by_level={"none": [1, 0], "Level 1": [1, 1]}
+    )
+    assert ex.summary("sft", stats, argparse.Namespace(out="s.json"))[2:] == [
+        "  Level 1: 1/1 (100.0%)",
+        "  none: 0/1 (0.0%)",
+        "wrote 0 SFT trajectories for 0 problem(s) to s.json",
+    ]
+    assert ex.summary("sft", stats)[-1] == "wrote 0 SFT trajectories for 0 problem(s) to None"  # no args
+    stats = ex.ExtractStats(problems=0, by_level={"none": [0, 0]}, correct_with_errors=3)
+    assert ex.summary("pqm", stats, argparse.Namespace(out="q.jsonl")) == [
+        "read 0 tree(s) of 0 problem(s) from 0 file(s)",
+        "coverage: 0/0 problems have a correct trajectory",
+        "wrote 0 PQM records for 0 problem(s) to q.jsonl",
+    ]
+
+
+def test_cli_options_reach_the_extraction_and_the_log_leaves_stdout_to_the_records(tmp_path, capsys):
+    t, _ = tree1()
+    run = write_lines(tmp_path / "run" / "trees.jsonl", [make_record(t)])
+    argv = ["extract", "ppm", str(run), "--out", "-", "--min-margin", "0.25", "--min-edit-distance", "5"]
+    assert rstar_main([*argv, "--invalid-negatives", "--format", "authors"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(x) for x in out.splitlines()] == ex.extract_ppm([make_record(t)], 2, 0.25, 5, True)
+    assert "with Q margin < 0.25" in err and "with edit distance < 5" in err
+    with pytest.raises(SystemExit):
+        rstar_main([*argv, "--format", "yaml"])
+    # files with no tree record in them are an error that names them, for every extraction
+    empty, cut = tmp_path / "empty.jsonl", tmp_path / "cut.jsonl"
+    empty.write_text("")
+    cut.write_text('{"key": "p:1#0", "tree": {"no')
+    for what in (["coverage"], ["sft", "--out", str(tmp_path / "x.jsonl")]):
+        capsys.readouterr()
+        assert rstar_main(["extract", what[0], str(empty), str(cut), *what[1:]]) == 2
+        err = capsys.readouterr().err
+        assert f"{empty}, {cut}: no tree records in it (empty, or only a cut-off line)" in err
