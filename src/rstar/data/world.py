@@ -45,6 +45,10 @@ Design choices (and why):
 - **Distractors**: sentences with numbers that do not matter (ages, prices, distances,
   other people's objects). Their numbers never equal a number the solution uses, so "the
   solution does not use them" is checkable (`meta["distractors"]`).
+- **No shortcuts**: a story is drawn again when a program that skips some of its operations
+  prints the gold answer too (`shortcut_answers`). The search grades a trajectory by its
+  answer alone; with small integers, skipping sentences (the tiny policy's failure) would
+  otherwise "solve" many long problems by coincidence and teach the policy to skip.
 - **Sizes**: integers only; every intermediate value stays in [2, `max_value`] (999 by
   default: at most three digits, a handful of tokens with a digit-level tokenizer), and
   division is generated only where it is exact, so the gold answer is exactly what Python
