@@ -48,19 +48,21 @@ demo-full: install
 	$(BIN)/rstar evolve --preset embedded-full --set evolve.world_seed=$(SEED) --set search.seed=$(SEED) \
 		--set evolve.run_dir=runs/embedded-full-s$(SEED)
 
-# After `make demo`: the paper's Figure 3 (accuracy against trajectories, MCTS + PPM vs
+# After `make demo` (or `make demo-full`, then RUN=runs/embedded-full-s0 PRESET=embedded-full): the
+# paper's Figure 3 (accuracy against trajectories 1-16, MCTS + PPM vs
 # best-of-N) and Table 8 (PPM vs PQM vs ORM as MCTS's reward model) on the embedded test set.
 RUN ?= runs/embedded
+PRESET ?= embedded
 AB = $(RUN)/ablation
 eval-demo: install
 	mkdir -p $(AB)
 	$(BIN)/rstar extract orm $(RUN)/round4 --out $(AB)/orm.jsonl
 	$(BIN)/rstar extract pqm $(RUN)/round4 --out $(AB)/pqm.jsonl
-	$(BIN)/rstar train ppm $(AB)/orm.jsonl --kind orm --model $(RUN)/models/policy_r4 --out $(AB)/orm --preset embedded
-	$(BIN)/rstar train ppm $(AB)/pqm.jsonl --kind pqm --model $(RUN)/models/policy_r4 --out $(AB)/pqm --preset embedded
+	$(BIN)/rstar train ppm $(AB)/orm.jsonl --kind orm --model $(RUN)/models/policy_r4 --out $(AB)/orm --preset $(PRESET)
+	$(BIN)/rstar train ppm $(AB)/pqm.jsonl --kind pqm --model $(RUN)/models/policy_r4 --out $(AB)/pqm --preset $(PRESET)
 	$(BIN)/rstar eval --benchmark $(RUN)/problems/test.jsonl --policy $(RUN)/models/policy_r4 \
-		--ppm $(RUN)/models/ppm_r4 --mode greedy,bon,mcts --mcts-unit rollouts --trajectories 1,2,4,8 \
-		--ablation pqm=$(AB)/pqm,orm=$(AB)/orm --preset embedded --out $(RUN)/eval
+		--ppm $(RUN)/models/ppm_r4 --mode greedy,bon,mcts --mcts-unit rollouts --trajectories 1,2,4,8,16 \
+		--ablation pqm=$(AB)/pqm,orm=$(AB)/orm --preset $(PRESET) --out $(RUN)/eval
 
 test: install
 	$(BIN)/python -m pytest -q
