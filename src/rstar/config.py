@@ -228,6 +228,12 @@ class EvolveConfig:
         "paper's 'small model beats a large one' in miniature); empty = skip",
     )
 
+    @property
+    def seed_counts(self) -> dict[int, int]:
+        """{seed level: seed solutions} from seed_levels and seed_per_level."""
+        n = self.seed_per_level
+        return dict(zip(self.seed_levels, n * len(self.seed_levels) if len(n) == 1 else n))
+
 
 @dataclass
 class Config:

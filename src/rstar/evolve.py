@@ -184,8 +184,7 @@ def prepare_problems(cfg: Config, run: Path) -> dict:
     )
     # Seed solutions come from another seed's draws, minus any question that is searched.
     searched = {p.question for p in train}
-    counts = e.seed_per_level * len(e.seed_levels) if len(e.seed_per_level) == 1 else e.seed_per_level
-    seed_pool = make_split("train", dict(zip(e.seed_levels, counts)), world, seed=e.world_seed + 1)
+    seed_pool = make_split("train", e.seed_counts, world, seed=e.world_seed + 1)
     seed = seed_sft_records([p for p in seed_pool if p.question not in searched])
     write_problems(pdir / "train.jsonl", train)
     write_problems(pdir / "test.jsonl", test)

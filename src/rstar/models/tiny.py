@@ -18,9 +18,9 @@ The tokenizer is shaped for a small model learning the step format:
 
 Command line: `rstar model tiny --out DIR [--size tiny|small|medium] [--corpus FILE] [--seed N]`
 writes random weights; `rstar model tiny --pretrain --out DIR` also pre-trains the policy on the
-embedded world's seed set (reference solutions of levels 1-2, `pretrain_tiny`), exactly as
+embedded world's seed set (reference solutions of its seed levels, `pretrain_tiny`), exactly as
 `rstar evolve` pre-trains its base policy: a small policy that solves easy world problems, in
-about three minutes on 2 CPU cores. (Shorter pre-training does not pay: with a third or half of
+a few minutes on 2 CPU cores. (Shorter pre-training does not pay: with a third or half of
 the 736 steps the policy had learnt the format but not yet to copy the question's numbers, and
 solved none of the easy problems; the loss falls steeply only after ~300 steps.)
 """
@@ -274,7 +274,6 @@ def count_parameters(model_dir: str | Path) -> int:
 
 # --- pre-training on the embedded world ---------------------------------------------------
 
-PRETRAIN_SEED_PROBLEMS = 3000  # per seed level: the embedded preset's (`rstar evolve`) recipe
 PRETRAIN_VOCAB_SIZE = 900  # the embedded preset's evolve.vocab_size
 PRETRAIN_PRESET = "embedded"
 
@@ -285,7 +284,7 @@ def pretrain_tiny(
     size: str = "tiny",
     seed: int = 0,
     vocab_size: int = PRETRAIN_VOCAB_SIZE,
-    seed_problems: int = PRETRAIN_SEED_PROBLEMS,
+    seed_problems: int | None = None,
     epochs: float | None = None,
     max_steps: int | None = None,
 ) -> dict:
@@ -293,8 +292,9 @@ def pretrain_tiny(
 
     The recipe of `rstar evolve`'s base policy (`evolve.build_base`, the embedded preset): a
     tokenizer trained on the world's text, then SFT with the preset's `pretrain` settings on the
-    reference solutions of its seed levels (1-2), `seed_problems` per level drawn from the world's
-    train split with the seed the preset's seed pool uses. Writes `out_dir` (an HF model directory,
+    reference solutions of its seed levels, `seed_problems` per level (default: the preset's
+    `evolve.seed_per_level`) drawn from the world's train split with the seed the preset's seed
+    pool uses. Writes `out_dir` (an HF model directory,
     with `metrics.json` and `rstar_training.json`). If `out_dir` already holds a policy pre-trained
     with the same settings, it is kept and its metrics returned.
     """
@@ -308,13 +308,15 @@ def pretrain_tiny(
 
     cfg = load_config(PRETRAIN_PRESET)
     train_cfg = cfg.pretrain if epochs is None else dataclasses.replace(cfg.pretrain, epochs=float(epochs))
+    e = cfg.evolve
+    levels = e.seed_counts if seed_problems is None else dict.fromkeys(e.seed_levels, seed_problems)
     recipe = {
         "preset": PRETRAIN_PRESET,
         "size": size,
         "init_seed": seed,
         "vocab_size": vocab_size,
         "seed_levels": list(cfg.evolve.seed_levels),
-        "seed_problems_per_level": seed_problems,
+        "seed_problems_per_level": list(levels.values()),
         "world_seed": cfg.evolve.world_seed + 1,
         "max_steps": max_steps,
     }
@@ -332,7 +334,6 @@ def pretrain_tiny(
             return dict(old.get("metrics") or {})
     world = WorldConfig()
     t0 = time.perf_counter()
-    levels = {lv: seed_problems for lv in cfg.evolve.seed_levels}
     records = seed_sft_records(make_split("train", levels, world, seed=recipe["world_seed"]))
     print(
         f"[model] {len(records)} seed solutions (levels {recipe['seed_levels']}) in "
@@ -370,8 +371,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=tiny_help,
         description="Write a tiny Qwen2 policy and a locally trained tokenizer (an ordinary HF model "
         "directory). Without --pretrain its weights are random: it solves nothing. With --pretrain it "
-        "is pre-trained on the embedded world's seed set (reference solutions of levels 1-2, as "
-        "`rstar evolve` pre-trains its base policy), about 3 minutes on 2 CPU cores: a small policy "
+        "is pre-trained on the embedded world's seed set (reference solutions of levels 1-3, as "
+        "`rstar evolve` pre-trains its base policy), a few minutes on 2 CPU cores: a small policy "
         "that solves easy `world` problems, for the README tour and experiments.",
     )
     p.add_argument("--out", required=True, help="output directory (an HF model directory)")
@@ -384,15 +385,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed-problems",
         type=int,
-        default=PRETRAIN_SEED_PROBLEMS,
-        help=f"--pretrain: seed solutions per seed level (default: {PRETRAIN_SEED_PROBLEMS}, as "
-        "`rstar evolve`: fewer than ~500 optimizer steps leave a policy that solves nothing)",
+        default=None,
+        help="--pretrain: seed solutions per seed level (default: the embedded preset's, as `rstar "
+        "evolve`: 3000 of levels 1 and 2, 500 of level 3; fewer than ~500 optimizer steps leave a "
+        "policy that solves nothing)",
     )
     p.add_argument(
         "--epochs",
         type=float,
         default=None,
-        help="--pretrain: passes over the seed set (default: the embedded preset's, 2)",
+        help="--pretrain: passes over the seed set (default: the embedded preset's, 3)",
     )
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="model preset (default: tiny)")
     p.add_argument(
