@@ -813,21 +813,23 @@ def test_scoring_without_a_reward_model_names_what_is_missing():
         steps.send([[Completion(text="<answer>\\boxed{3}<end_of_answer>", stop_reason="stop", n_tokens=5)]])
 
 
-def test_parallel_rollouts_are_reproducible(sandbox, grader):
-    # Twelve first steps ranked alike: which ones the walkers take is a tie broken by the
+def test_mcts_is_reproducible_sequential_or_parallel(sandbox, grader):
+    # Twelve first steps ranked alike: which ones the rollouts take is a tie broken by the
     # search's seeded generator, so the same search gives the same tree.
-    cfg = load_config(
-        "round2", overrides=["search.rollouts=4", "search.num_samples=12", "search.parallel_rollouts=2"]
-    )
-    trees = [
-        search(
-            cfg,
-            Backends(policy=BranchingPolicy(depth=1, valid=12), sandbox=sandbox, grader=grader),
-            problems(1),
-        )[0][1]
-        for _ in range(3)
-    ]
-    assert trees[0].to_dict() == trees[1].to_dict() == trees[2].to_dict()
+    for k in (1, 2):
+        cfg = load_config(
+            "round2",
+            overrides=["search.rollouts=4", "search.num_samples=12", f"search.parallel_rollouts={k}"],
+        )
+        trees = [
+            search(
+                cfg,
+                Backends(policy=BranchingPolicy(depth=1, valid=12), sandbox=sandbox, grader=grader),
+                problems(1),
+            )[0][1]
+            for _ in range(3)
+        ]
+        assert trees[0].to_dict() == trees[1].to_dict() == trees[2].to_dict(), k
 
 
 def test_which_searches_settle_by_value():
@@ -861,3 +863,23 @@ def test_a_prefix_is_the_prompt_and_the_steps_as_written():
     b = tree.add_child(a, "\n\ny = 2\n<end_of_step>")
     assert tree.prefix(b) == "PROMPT|<code>\nx = 1\n<end_of_step>\n\ny = 2\n<end_of_step>"
     assert tree.to_dict()["nodes"][0]["text"] == ""  # the root holds no step in a tree file
+
+
+def test_one_rollout_at_a_time_is_the_sequential_search(sandbox, grader, monkeypatch):
+    # parallel_rollouts=1 (data generation) runs the sequential loop, never the walkers' loop
+    # (whose virtual losses change UCT's exploration term below the walker)
+    import importlib
+
+    mcts_module = importlib.import_module("rstar.search.mcts")  # the package's `mcts` is the function
+
+    def walkers(ctx):
+        raise AssertionError("parallel_rollouts=1 ran the parallel loop")
+        yield
+
+    monkeypatch.setattr(mcts_module, "mcts_parallel", walkers)
+    cfg = load_config("round2", overrides=["search.rollouts=3", "search.num_samples=3"])
+    assert cfg.search.parallel_rollouts == 1
+    [(_, tree, _)] = search(
+        cfg, Backends(policy=ScriptedPolicy(), sandbox=sandbox, grader=grader), problems(1)
+    )
+    assert tree.answers()
