@@ -303,10 +303,12 @@ def pretrain_tiny(
 
     from rstar.config import load_config
     from rstar.data.world import WorldConfig, make_split, seed_sft_records, tokenizer_corpus
+    from rstar.models import set_cpu_threads
     from rstar.training.common import PROVENANCE_FILE
     from rstar.training.sft import train_sft
 
     cfg = load_config(PRETRAIN_PRESET)
+    set_cpu_threads(cfg.model)  # as `rstar evolve` trains (the preset's model.cpu_threads)
     train_cfg = cfg.pretrain if epochs is None else dataclasses.replace(cfg.pretrain, epochs=float(epochs))
     e = cfg.evolve
     levels = e.seed_counts if seed_problems is None else dict.fromkeys(e.seed_levels, seed_problems)
