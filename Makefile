@@ -40,8 +40,9 @@ upgrade: lock
 demo: install
 	$(BIN)/rstar evolve
 
-# Ten times the search and 50 test problems per level (not timed end to end yet; see
-# docs/EXPERIMENTS.md). SEED picks the world and the searches: three seeds, then
+# Five times the default's search, 50 test problems per level and the training recipe of
+# docs/EXPERIMENTS.md E5-E6 (one run: 62 minutes beside other jobs, pre-training 250 s; about
+# 30 on an idle machine, estimated). SEED picks the world and the searches: three seeds, then
 # `rstar report runs/embedded-full-s0 runs/embedded-full-s1 runs/embedded-full-s2`.
 SEED ?= 0
 demo-full: install
