@@ -248,29 +248,31 @@ print(json.dumps({**out, "seconds": time.monotonic() - t}))
 """
 
 
+def _timed_load(spec: str, env: dict) -> tuple[dict, str]:
+    """`load_problems(spec)` in a child Python with `env`: its JSON result (ids or error, and
+    the seconds the load took) and its stderr."""
+    p = subprocess.run(
+        [sys.executable, "-c", _TIMED_LOAD, spec], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout), p.stderr
+
+
 def test_hub_unreachable_fails_fast_and_names_the_endpoint(tmp_path):
     # huggingface_hub retries a hub it cannot reach for about 30 s; a refused connection to
     # $HF_ENDPOINT is seen by the probe at once and the dataset looked for in the cache only.
     env, endpoint = _unreachable_hub_env(tmp_path)
-    p = subprocess.run(
-        [sys.executable, "-c", _TIMED_LOAD, "hf:openai/gsm8k:main:test"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+    out, stderr = _timed_load("hf:openai/gsm8k:main:test", env)
     assert out["seconds"] < 8, out
     assert f"the hub at {endpoint} could not be reached" in out["error"]
     assert "not in the local cache" in out["error"]
-    assert "Retrying" not in p.stderr
+    assert "Retrying" not in stderr
     # Before the hub is asked, one line names the dataset and the ways around the hub.
     assert (
         f"fetching the dataset openai/gsm8k (hf:openai/gsm8k:main:test) from the Hugging Face hub at {endpoint}"
-        in p.stderr
+        in stderr
     )
-    assert "--data-dir or $RSTAR_DATA_DIR" in p.stderr
+    assert "--data-dir or $RSTAR_DATA_DIR" in stderr
 
 
 def test_hub_unreachable_still_loads_a_cached_dataset(tmp_path):
@@ -291,18 +293,10 @@ os.rename(b.cache_dir, final)
 """
     cache = str(tmp_path / "hf" / "datasets")
     subprocess.run([sys.executable, "-c", make_cache, cache, str(rows)], env=env, check=True, timeout=120)
-    p = subprocess.run(
-        [sys.executable, "-c", _TIMED_LOAD, "hf:someone/tiny:main:test"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
-    assert out.get("ids") == ["tiny-main-test:0", "tiny-main-test:1", "tiny-main-test:2"], (out, p.stderr)
+    out, stderr = _timed_load("hf:someone/tiny:main:test", env)
+    assert out.get("ids") == ["tiny-main-test:0", "tiny-main-test:1", "tiny-main-test:2"], (out, stderr)
     assert out["seconds"] < 8, out
-    assert "could not be reached" in p.stderr and "local datasets cache only" in p.stderr
+    assert "could not be reached" in stderr and "local datasets cache only" in stderr
 
 
 def test_hub_spec_syntax_error():
