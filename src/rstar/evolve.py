@@ -262,7 +262,7 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
     recs = run_records(run / f"round{r}")
     # The round's own trajectories, `sft_repeat` times over: beside thousands of seed
     # solutions a few hundred new ones are too small a share to move the policy.
-    sft = extract_sft(recs) * max(1, cfg.evolve.sft_repeat)
+    sft = extract_sft(recs) * cfg.evolve.sft_repeat
     pairs = extract_ppm(recs)
     seed_path = run / "problems" / "seed_sft.jsonl"
     keep = cfg.evolve.sft_seed_records
