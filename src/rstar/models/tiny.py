@@ -294,9 +294,9 @@ def pretrain_tiny(
     tokenizer trained on the world's text, then SFT with the preset's `pretrain` settings on the
     reference solutions of its seed levels, `seed_problems` per level (default: the preset's
     `evolve.seed_per_level`) drawn from the world's train split with the seed the preset's seed
-    pool uses. Writes `out_dir` (an HF model directory,
-    with `metrics.json` and `rstar_training.json`). If `out_dir` already holds a policy pre-trained
-    with the same settings, it is kept and its metrics returned.
+    pool uses. Writes `out_dir` (an HF model directory, with `metrics.json` and
+    `rstar_training.json`). If `out_dir` already holds a policy pre-trained with the same
+    settings, it is kept and its metrics returned.
     """
     import dataclasses
     import tempfile
