@@ -389,7 +389,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="--pretrain: seed solutions per seed level (default: the embedded preset's, as `rstar "
-        "evolve`: 3000 of levels 1 and 2, 500 of level 3; fewer than ~500 optimizer steps leave a "
+        "evolve`: 3000 of levels 1 and 2, 100 of level 3; fewer than ~500 optimizer steps leave a "
         "policy that solves nothing)",
     )
     p.add_argument(
