@@ -41,8 +41,8 @@ demo: install
 	$(BIN)/rstar evolve
 
 # Five times the default's search, 50 test problems per level and the training recipe of
-# docs/EXPERIMENTS.md E5-E6 (one run: 62 minutes beside other jobs, pre-training 250 s; about
-# 30 on an idle machine, estimated). SEED picks the world and the searches: three seeds, then
+# docs/EXPERIMENTS.md E5-E8 (three seeds: 30, 57 and 49 minutes beside one to four other jobs,
+# pre-training 205, 322 and 516 s). SEED picks the world and the searches: three seeds, then
 # `rstar report runs/embedded-full-s0 runs/embedded-full-s1 runs/embedded-full-s2`.
 SEED ?= 0
 demo-full: install
