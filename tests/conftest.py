@@ -1,12 +1,15 @@
 """Shared test helpers: where the test data lies, single-threaded torch for tiny models, and
 the session-wide fixtures that several modules need (built once per run, issue 22): the tiny
 policy, the tiny policy after memorising a repeated step, a toy PPM, a sandbox pool and a
-grader."""
+grader. The docs tour's pre-training starts in the background as soon as the tests are
+collected (`pytest_collection_modifyitems` below)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,3 +99,51 @@ def grader():
 
     with Grader(timeout_s=5) as g:
         yield g
+
+
+# --- the docs tour's pre-training, beside the rest of the suite ------------------------------
+# `rstar model tiny --pretrain` (tests/test_docs.py's stand-in for the tour's one slow command)
+# is the longest single step of the suite and uses one core. It starts in a subprocess when the
+# tests that need it are collected, and those tests run last, so the other core works through
+# the rest of the suite meanwhile (issue 22: the suite's wall time).
+TOUR_PRETRAINING = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection: start nothing for a test not run
+def pytest_collection_modifyitems(session, config, items):
+    from test_docs import start_pretraining
+
+    tour = [i for i in items if "pretrained_tiny" in getattr(i, "fixturenames", ())]
+    if not tour or config.option.collectonly:
+        return
+    items[:] = [i for i in items if i not in tour] + tour
+    cache = os.environ.get("RSTAR_DOCS_CACHE")
+    where = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="rstar-docs-"))
+    config.stash[TOUR_PRETRAINING] = {
+        "out": where / "tiny",
+        "proc": start_pretraining(where / "tiny"),
+        "cleanup": None if cache else where,
+    }
+
+
+def pytest_unconfigure(config):
+    job = config.stash.get(TOUR_PRETRAINING, None)
+    if job is None:
+        return
+    if job["proc"].poll() is None:  # the run ended early (-x, Ctrl-C): nothing waits for it
+        job["proc"].kill()
+        job["proc"].wait()
+    if job["cleanup"]:
+        shutil.rmtree(job["cleanup"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(request) -> Path:
+    """The tour's stand-in policy: `rstar model tiny --pretrain` with its defaults, built once
+    per session in the background (above), or once per machine with RSTAR_DOCS_CACHE=DIR."""
+    from test_docs import finish_pretraining
+
+    job = request.config.stash.get(TOUR_PRETRAINING, None)
+    assert job is not None, "pretrained_tiny: the background pre-training was not started"
+    finish_pretraining(job["proc"], job["out"])
+    return job["out"]

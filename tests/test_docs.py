@@ -10,9 +10,10 @@ How the blocks run (the stand-ins README.md names):
 - a block right after `<!-- docs-test: skip (WHY) -->` is not run (a GPU, the hub, a cluster,
   a server that runs until stopped, the whole demo or suite);
 - with `HF_HUB_OFFLINE=1` (no hub), and `rstar model tiny --pretrain --out tiny` finds `tiny`
-  already pre-trained with its default settings by this session's fixture (built once per
-  session, or once per machine with `RSTAR_DOCS_CACHE=DIR`), so the tour's one slow command
-  runs in seconds; everything else runs for real.
+  already pre-trained with its default settings by the session's fixture (conftest.py's
+  `pretrained_tiny`: started in the background when the tests are collected, while the rest
+  of the suite runs; or once per machine with `RSTAR_DOCS_CACHE=DIR`), so the tour's one slow
+  command runs in seconds; everything else runs for real.
 A block that fails fails the test with its document, line, command output and exit status.
 """
 
@@ -23,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +109,11 @@ def run_docs(docs: list[Path], cwd: Path, env: dict[str, str]) -> tuple[list[str
         for b in blocks(doc):
             if not b.lang or b.skip:
                 continue
+            t0 = time.perf_counter()
             res = run_block(b, cwd, env)
             ran.append(b.where)
+            # where the docs test's time goes (pytest shows it with -s, or for a failing test)
+            print(f"{b.where}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             if res.returncode != 0:
                 failures.append(
                     f"{b.where} ({b.lang} block) exited {res.returncode}\n--- block\n{b.code}"
@@ -118,22 +123,33 @@ def run_docs(docs: list[Path], cwd: Path, env: dict[str, str]) -> tuple[list[str
     return ran, failures
 
 
-@pytest.fixture(scope="session")
-def pretrained_tiny(tmp_path_factory) -> Path:
-    """The tour's stand-in policy: `rstar model tiny --pretrain` with its defaults, built once."""
-    cache = os.environ.get("RSTAR_DOCS_CACHE")
-    where = Path(cache) if cache else tmp_path_factory.mktemp("docs-cache")
-    out = where / "tiny"
-    res = subprocess.run(
-        [str(VENV / "bin" / "rstar"), "model", "tiny", "--pretrain", "--out", str(out)],
-        env=doc_env(),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
+PRETRAIN_TIMEOUT_S = 1800
+
+
+def start_pretraining(out: Path) -> subprocess.Popen:
+    """`rstar model tiny --pretrain --out OUT` with its defaults (the tour's command), started
+    in the background; its log goes to OUT.log. Called by conftest.py once the tests that need
+    it are collected (fixture `pretrained_tiny`); an OUT already pre-trained is kept as it is."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".log"), "w") as log:
+        return subprocess.Popen(
+            [str(VENV / "bin" / "rstar"), "model", "tiny", "--pretrain", "--out", str(out)],
+            env=doc_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def finish_pretraining(proc: subprocess.Popen, out: Path) -> None:
+    """Wait for `start_pretraining`'s process; its log's end if it failed."""
+    try:
+        code = proc.wait(timeout=PRETRAIN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert code == 0, (
+        f"rstar model tiny --pretrain exited {code}:\n" + out.with_suffix(".log").read_text()[-3000:]
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
 
 
 def test_every_fenced_block_is_run_or_marked():

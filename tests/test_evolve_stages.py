@@ -228,3 +228,25 @@ def test_a_round_without_a_ppm_leaves_the_previous_one_in_use(tmp_path, monkeypa
         ("base", "policy_r2"),
         ("base", "policy_r3"),
     ]
+
+
+def test_round_pairs_use_the_configured_pair_filters(run_dir, backends_seen):
+    """extract_round hands evolve.pair_min_margin / pair_min_edit_distance to the PPM extraction:
+    filters off keep every pair the trees hold, a filter no pair passes keeps none."""
+    from rstar.data.extract import extract_ppm
+    from rstar.search.treefile import run_records
+
+    cfg = quick()
+    evolve.generate_round(cfg, run_dir, 2, "policy-r1", "")
+    unfiltered = extract_ppm(run_records(run_dir / "round2"), min_margin=0, min_edit_distance=0)
+    assert unfiltered  # the scripted trees hold right and wrong siblings
+
+    def pairs(**fields) -> list[dict]:
+        out = evolve.extract_round(quick(**fields), run_dir, 2)
+        rows = [json.loads(x) for x in (run_dir / "round2" / "pairs.jsonl").read_text().splitlines()]
+        assert out["pairs"] == len(rows)
+        return rows
+
+    assert pairs(pair_min_margin=0, pair_min_edit_distance=0) == unfiltered
+    assert pairs(pair_min_margin=0, pair_min_edit_distance=10_000) == []
+    assert pairs(pair_min_margin=5, pair_min_edit_distance=0) == []  # Q margins are at most 2

@@ -220,6 +220,15 @@ class EvolveConfig:
         "the PPM of round r trains on the preference pairs of this many rounds up to r (1 = the paper: "
         "round r's own; 0 = every round so far, for small runs whose rounds yield few pairs)",
     )
+    pair_min_margin: float = _f(
+        0.5,
+        "PPM pairs of each round: least Q margin of a pair (the authors' 0.5; rstar extract ppm --min-margin)",
+    )
+    pair_min_edit_distance: int = _f(
+        20,
+        "PPM pairs of each round: least Levenshtein distance of pos and neg in characters (the authors' 20, "
+        "made for paragraph-long steps; rstar extract ppm --min-edit-distance)",
+    )
     eval_samples: int = _f(8, "test evaluation: N of best-of-N and MCTS rollouts (equal complete solutions)")
     eval_top_k: int = _f(4, "test evaluation: trajectories in the final top-K vote")
     compare_size: str = _f(
@@ -297,6 +306,10 @@ def validate(cfg: Config) -> None:
         counts = getattr(e, name)
         _check(counts and min(counts) >= 0, f"evolve.{name}", counts, "one count >= 0, or one per level")
     _check(e.ppm_pair_rounds >= 0, "evolve.ppm_pair_rounds", e.ppm_pair_rounds, "0 (all rounds) or more")
+    _check(e.pair_min_margin >= 0, "evolve.pair_min_margin", e.pair_min_margin, "0 or more")
+    _check(
+        e.pair_min_edit_distance >= 0, "evolve.pair_min_edit_distance", e.pair_min_edit_distance, "0 or more"
+    )
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

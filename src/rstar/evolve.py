@@ -263,7 +263,9 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
     # The round's own trajectories, `sft_repeat` times over: beside thousands of seed
     # solutions a few hundred new ones are too small a share to move the policy.
     sft = extract_sft(recs) * cfg.evolve.sft_repeat
-    pairs = extract_ppm(recs)
+    pairs = extract_ppm(
+        recs, min_margin=cfg.evolve.pair_min_margin, min_edit_distance=cfg.evolve.pair_min_edit_distance
+    )
     seed_path = run / "problems" / "seed_sft.jsonl"
     keep = cfg.evolve.sft_seed_records
     if keep and seed_path.exists():

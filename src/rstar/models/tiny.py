@@ -69,8 +69,8 @@ SIZES: dict[str, dict[str, int]] = {
         num_key_value_heads=2,
         intermediate_size=384,
     ),
-    # the embedded demo's policy (~1.3M with its 900-token vocabulary): two more layers than
-    # "tiny", which copying numbers from the question into code needs
+    # two more layers than "tiny" (~1.3M with a 900-token vocabulary); the embedded presets
+    # use "tiny" (evolve.policy_size), whose search is faster
     "demo": dict(
         hidden_size=160,
         num_hidden_layers=4,
