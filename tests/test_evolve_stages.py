@@ -62,6 +62,10 @@ def backends_seen(monkeypatch, sandbox, grader):
     """Replaces open_backends: records the config each stage opens its models with and hands
     out the scripted policy (and a constant reward model where a PPM is named)."""
     seen = []
+    # Modules that bind open_backends by name at import: imported before the patch, or one
+    # first imported under it would keep the fake for the rest of the session.
+    import rstar.search.run  # noqa: F401
+    import rstar.search.solve  # noqa: F401
 
     @contextlib.contextmanager
     def fake(cfg, policy=None, reward=None, need_grader=True):

@@ -961,3 +961,21 @@ def test_cli_options_reach_the_extraction_and_the_log_leaves_stdout_to_the_recor
         assert rstar_main(["extract", what[0], str(empty), str(cut), *what[1:]]) == 2
         err = capsys.readouterr().err
         assert f"{empty}, {cut}: no tree records in it (empty, or only a cut-off line)" in err
+
+
+def test_two_rounds_searches_of_a_problem_both_count():
+    """Rounds search a problem under the same key and seed with another policy: reading several
+    rounds' trees at once keeps each round's search (only the same record read again is
+    skipped)."""
+    t, _ = tree1()
+    r1, r2 = make_record(t), make_record(t)
+    r1["config"] = {"model": {"policy": "models/policy_r1", "ppm": ""}}
+    r2["config"] = {"model": {"policy": "models/policy_r2", "ppm": "models/ppm_r2"}}
+    stats = ex.ExtractStats()
+    ex.extract_ppm([r1, r2, copy.deepcopy(r2)], min_margin=0, min_edit_distance=0, stats=stats)
+    assert (stats.trees, stats.duplicates) == (2, 1)
+    foreign = make_record(t)
+    foreign["config"] = "not a mapping"  # a record without the models: key and seed alone
+    stats = ex.ExtractStats()
+    ex.extract_sft([foreign, copy.deepcopy(foreign)], stats=stats)
+    assert (stats.trees, stats.duplicates) == (1, 1)

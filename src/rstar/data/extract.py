@@ -26,7 +26,8 @@ Definitions (the paper leaves these to the code; the choices are ours where note
 - Problems pool the trajectories of all their searches (same `problem.id`, several
   `search_index`, several files) for SFT and whole-trajectory pairs; step pairs stay per tree,
   because Q values are only comparable inside one tree. The same search read twice (same
-  `key` and `seed`) is counted once.
+  `key`, `seed` and models: the record's `config.model.policy` and `.ppm`) is counted once;
+  two rounds' trees of a problem share key and seed but not the policy, so both count.
 - Prompts are rebuilt from the question with `sft_prompt` / `ppm_prompt`, not copied from
   `tree.prompt`: round-1 trees are searched with a few-shot prompt, but the data trains a
   model that is prompted with `sft_prompt`.
@@ -118,6 +119,7 @@ class SearchRecord:
     level: str | None
     index: int
     tree: Tree
+    models: str = ""  # the policy and PPM that searched (record's config.model), "" if not recorded
 
 
 def _field(d: Any, name: str, origin: str, where: str = "") -> Any:
@@ -158,6 +160,8 @@ def parse_search(origin: str, rec: dict) -> SearchRecord:
     index = rec.get("search_index", 0)
     if not isinstance(index, int):
         raise RstarError(f"{origin}: search_index must be an integer")
+    config = rec.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
     return SearchRecord(
         origin=origin,
         key=str(key),
@@ -167,6 +171,7 @@ def parse_search(origin: str, rec: dict) -> SearchRecord:
         level=problem.get("level"),
         index=index,
         tree=Tree(question=str(question), prompt=str(t.get("prompt", "")), nodes=nodes),
+        models=json.dumps([model.get("policy"), model.get("ppm")]) if isinstance(model, dict) else "",
     )
 
 
@@ -332,7 +337,7 @@ class ExtractStats:
 
     files: int = 0
     trees: int = 0
-    duplicates: int = 0  # the same search (key and seed) read again
+    duplicates: int = 0  # the same search (key, seed and models) read again
     problems: int = 0
     covered: int = 0  # problems with at least one correct answer anywhere in their trees
     by_level: dict[str, list[int]] = field(default_factory=dict)  # level -> [problems, covered]
@@ -481,13 +486,13 @@ def _problems(
     records: Records, stats: ExtractStats, on_search: Callable[[_Problem, SearchRecord], None]
 ) -> list[_Problem]:
     """The one pass every extraction makes: validate each record, skip a search read twice (same
-    key and seed), pool searches by problem (and note coverage), hand each new search to
+    key, seed and models), pool searches by problem (and note coverage), hand each new search to
     `on_search`. Returns the problems in natural order of their ids, counted into `stats`."""
     problems: dict[str, _Problem] = {}
     seen: set[tuple[str, str]] = set()
     for origin, rec in _sources(records):
         search = parse_search(origin, rec)
-        ident = (search.key, json.dumps(search.seed))
+        ident = (search.key, json.dumps(search.seed), search.models)
         if ident in seen:
             stats.duplicates += 1
             continue
