@@ -111,11 +111,11 @@ TOUR_PRETRAINING = pytest.StashKey[dict]()
 
 @pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection: start nothing for a test not run
 def pytest_collection_modifyitems(session, config, items):
-    from test_docs import start_pretraining
-
     tour = [i for i in items if "pretrained_tiny" in getattr(i, "fixturenames", ())]
     if not tour or config.option.collectonly:
         return
+    from test_docs import start_pretraining
+
     items[:] = [i for i in items if i not in tour] + tour
     cache = os.environ.get("RSTAR_DOCS_CACHE")
     where = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="rstar-docs-"))
