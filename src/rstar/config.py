@@ -24,6 +24,11 @@ import yaml
 from rstar import RstarError
 from rstar.sandbox.settings import SandboxConfig
 
+# The authors drop PPM pairs whose Q margin or edit distance is below these (the defaults of
+# `rstar extract ppm` and of each evolve round's pairs).
+AUTHORS_MIN_MARGIN = 0.5
+AUTHORS_MIN_EDIT_DISTANCE = 20
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -221,11 +226,11 @@ class EvolveConfig:
         "round r's own; 0 = every round so far, for small runs whose rounds yield few pairs)",
     )
     pair_min_margin: float = _f(
-        0.5,
+        AUTHORS_MIN_MARGIN,
         "PPM pairs of each round: least Q margin of a pair (the authors' 0.5; rstar extract ppm --min-margin)",
     )
     pair_min_edit_distance: int = _f(
-        20,
+        AUTHORS_MIN_EDIT_DISTANCE,
         "PPM pairs of each round: least Levenshtein distance of pos and neg in characters (the authors' 20, "
         "made for paragraph-long steps; rstar extract ppm --min-edit-distance)",
     )

@@ -85,13 +85,10 @@ from pathlib import Path
 from typing import Any
 
 from rstar import RstarError, steps
+from rstar.config import AUTHORS_MIN_EDIT_DISTANCE, AUTHORS_MIN_MARGIN
 from rstar.search.tree import ANSWER, CODE_ERROR, Node, Tree
 from rstar.search.treefile import read_trees, tree_files
 from rstar.steps import ASSISTANT_HEADER, ppm_prompt, sft_prompt
-
-# The authors drop PPM pairs whose Q margin or edit distance is below these.
-AUTHORS_MIN_MARGIN = 0.5
-AUTHORS_MIN_EDIT_DISTANCE = 20
 
 # Node fields without which a tree cannot be read; the others default (docs/TREE_FILES.md).
 _REQUIRED_NODE_FIELDS = ("id", "parent", "depth", "text", "children", "N", "q")
@@ -489,7 +486,7 @@ def _problems(
     key, seed and models), pool searches by problem (and note coverage), hand each new search to
     `on_search`. Returns the problems in natural order of their ids, counted into `stats`."""
     problems: dict[str, _Problem] = {}
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     for origin, rec in _sources(records):
         search = parse_search(origin, rec)
         ident = (search.key, json.dumps(search.seed), search.models)
