@@ -1,8 +1,8 @@
 """Shared test helpers: where the test data lies, single-threaded torch for tiny models, and
 the session-wide fixtures that several modules need (built once per run, issue 22): the tiny
 policy, the tiny policy after memorising a repeated step, a toy PPM, a sandbox pool and a
-grader. The docs tour's pre-training starts in the background as soon as the tests are
-collected (`pytest_collection_modifyitems` below)."""
+grader. The quick evolve run and the docs tour's pre-trained policy start in the background as
+soon as the tests are collected (`pytest_collection_modifyitems` below)."""
 
 from __future__ import annotations
 
@@ -101,46 +101,117 @@ def grader():
         yield g
 
 
-# --- the docs tour's pre-training, beside the rest of the suite ------------------------------
-# `rstar model tiny --pretrain` (tests/test_docs.py's stand-in for the tour's one slow command)
-# is the longest single step of the suite and uses one core. It starts in a subprocess when the
-# tests that need it are collected, and those tests run last, so the other core works through
-# the rest of the suite meanwhile (issue 22: the suite's wall time).
+# --- the suite's two long items, beside the rest of it ------------------------------------------
+# `rstar evolve --quick` (test_evolve.py, killed and resumed) and the docs tour's pre-trained
+# policy are the longest items of the suite and each uses one core. When the tests that need
+# them are collected, the quick run starts in a background thread, and the tests that need them
+# run last, so the other core works through the rest of the suite meanwhile (issue 22: the
+# suite's wall time). The tour's `rstar model tiny --pretrain --preset quick --out tiny` is the
+# quick run's pre-training recipe, so the tour takes the run's `models/base` (its command then
+# finds `tiny` pre-trained and keeps it); without the quick run it pre-trains in a subprocess.
+QUICK_EVOLVE = pytest.StashKey[dict]()
 TOUR_PRETRAINING = pytest.StashKey[dict]()
+QUICK_EVOLVE_TIMEOUT_S = 1800
+
+
+def _uses(item: pytest.Item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
 
 
 @pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection: start nothing for a test not run
 def pytest_collection_modifyitems(session, config, items):
-    tour = [i for i in items if "pretrained_tiny" in getattr(i, "fixturenames", ())]
-    if not tour or config.option.collectonly:
+    quick = [i for i in items if _uses(i, "quick_evolve")]
+    tour = [i for i in items if _uses(i, "pretrained_tiny")]
+    if (not quick and not tour) or config.option.collectonly:
         return
-    from test_docs import start_pretraining
+    # the tour needs only the quick run's base (its first minutes), the quick test all of it
+    items[:] = [i for i in items if i not in quick and i not in tour] + tour + quick
+    if quick:
+        config.stash[QUICK_EVOLVE] = start_quick_evolve()
+    elif tour:
+        from test_docs import start_pretraining
 
-    items[:] = [i for i in items if i not in tour] + tour
-    cache = os.environ.get("RSTAR_DOCS_CACHE")
-    where = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="rstar-docs-"))
-    config.stash[TOUR_PRETRAINING] = {
-        "out": where / "tiny",
-        "proc": start_pretraining(where / "tiny"),
-        "cleanup": None if cache else where,
-    }
+        cache = os.environ.get("RSTAR_DOCS_CACHE")
+        where = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="rstar-docs-"))
+        config.stash[TOUR_PRETRAINING] = {
+            "out": where / "tiny",
+            "proc": start_pretraining(where / "tiny"),
+            "cleanup": None if cache else where,
+        }
+
+
+def start_quick_evolve() -> dict:
+    """test_evolve's quick run (`quick_evolve_killed_and_resumed`) in a daemon thread; the job
+    dict gets its `result` or `error` when the thread ends."""
+    import threading
+
+    from test_evolve import quick_evolve_killed_and_resumed
+
+    where = Path(tempfile.mkdtemp(prefix="rstar-quick-"))
+    job: dict = {"run": where / "run", "procs": [], "result": None, "error": None, "cleanup": where}
+
+    def target() -> None:
+        try:
+            job["result"] = quick_evolve_killed_and_resumed(job["run"], job["procs"])
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test that waits for it
+            job["error"] = e
+
+    job["thread"] = threading.Thread(target=target, name="quick-evolve", daemon=True)
+    job["thread"].start()
+    return job
 
 
 def pytest_unconfigure(config):
+    quick = config.stash.get(QUICK_EVOLVE, None)
+    if quick is not None:
+        for proc in quick["procs"]:  # the run ended early (-x, Ctrl-C): nothing waits for it
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        quick["thread"].join(timeout=30)
+        shutil.rmtree(quick["cleanup"], ignore_errors=True)
     job = config.stash.get(TOUR_PRETRAINING, None)
-    if job is None:
-        return
-    if job["proc"].poll() is None:  # the run ended early (-x, Ctrl-C): nothing waits for it
-        job["proc"].kill()
-        job["proc"].wait()
-    if job["cleanup"]:
-        shutil.rmtree(job["cleanup"], ignore_errors=True)
+    if job is not None:
+        if job["proc"].poll() is None:
+            job["proc"].kill()
+            job["proc"].wait()
+        if job["cleanup"]:
+            shutil.rmtree(job["cleanup"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def quick_evolve(request) -> tuple[Path, dict, object]:
+    """(run directory, stages done before the kill, the resumed process) of test_evolve's quick
+    run, started in the background when the tests were collected."""
+    job = request.config.stash.get(QUICK_EVOLVE, None)
+    assert job is not None, "quick_evolve: the background run was not started"
+    job["thread"].join(timeout=QUICK_EVOLVE_TIMEOUT_S)
+    assert not job["thread"].is_alive(), f"the quick run did not end within {QUICK_EVOLVE_TIMEOUT_S} s"
+    if job["error"] is not None:
+        raise job["error"]
+    return (job["run"], *job["result"])
 
 
 @pytest.fixture(scope="session")
 def pretrained_tiny(request) -> Path:
-    """The tour's stand-in policy: `rstar model tiny --pretrain` with its defaults, built once
-    per session in the background (above), or once per machine with RSTAR_DOCS_CACHE=DIR."""
+    """The tour's `tiny`: what `rstar model tiny --pretrain --preset quick` makes. That is the
+    quick run's base policy when the quick run is part of this session (waited for until its
+    pre-training stage is done), else pre-trained in the background (above), or once per
+    machine with RSTAR_DOCS_CACHE=DIR."""
+    import time
+
+    quick = request.config.stash.get(QUICK_EVOLVE, None)
+    if quick is not None:
+        from test_evolve import stages
+
+        deadline = time.monotonic() + QUICK_EVOLVE_TIMEOUT_S
+        while "pretrain" not in stages(quick["run"]):
+            assert quick["thread"].is_alive(), (
+                f"the quick run ended before its pre-training: {quick['error']!r}"
+            )
+            assert time.monotonic() < deadline, "the quick run's pre-training did not end in time"
+            time.sleep(0.5)
+        return quick["run"] / "models" / "base"
     from test_docs import finish_pretraining
 
     job = request.config.stash.get(TOUR_PRETRAINING, None)

@@ -64,7 +64,7 @@ def test_config_show_cli(capsys):
 
 def test_per_level_counts_one_for_all_or_one_each():
     from rstar import RstarError
-    from rstar.evolve import per_level
+    from rstar.data.world import per_level
 
     assert load_config(overrides=["evolve.train_per_level=7"]).evolve.train_per_level == [7]
     assert per_level([7], 4, "x") == {1: 7, 2: 7, 3: 7, 4: 7}

@@ -9,11 +9,12 @@ How the blocks run (the stand-ins README.md names):
   fenced blocks without a language (diagrams, sample output) are not run;
 - a block right after `<!-- docs-test: skip (WHY) -->` is not run (a GPU, the hub, a cluster,
   a server that runs until stopped, the whole demo or suite);
-- with `HF_HUB_OFFLINE=1` (no hub), and `rstar model tiny --pretrain --out tiny` finds `tiny`
-  already pre-trained with its default settings by the session's fixture (conftest.py's
-  `pretrained_tiny`: started in the background when the tests are collected, while the rest
-  of the suite runs; or once per machine with `RSTAR_DOCS_CACHE=DIR`), so the tour's one slow
-  command runs in seconds; everything else runs for real.
+- with `HF_HUB_OFFLINE=1` (no hub), and `rstar model tiny --pretrain --preset quick --out tiny`
+  finds `tiny` already pre-trained with those settings by the session's fixture (conftest.py's
+  `pretrained_tiny`: the base policy of test_evolve's quick run, which pre-trains with the same
+  recipe in the background while the rest of the suite runs; or once per machine with
+  `RSTAR_DOCS_CACHE=DIR`), so the tour's one slow command runs in seconds (the test checks
+  that it kept `tiny`); everything else runs for real.
 A block that fails fails the test with its document, line, command output and exit status.
 """
 
@@ -127,13 +128,23 @@ PRETRAIN_TIMEOUT_S = 1800
 
 
 def start_pretraining(out: Path) -> subprocess.Popen:
-    """`rstar model tiny --pretrain --out OUT` with its defaults (the tour's command), started
-    in the background; its log goes to OUT.log. Called by conftest.py once the tests that need
-    it are collected (fixture `pretrained_tiny`); an OUT already pre-trained is kept as it is."""
+    """`rstar model tiny --pretrain --preset quick --out OUT` (the tour's command), started in
+    the background; its log goes to OUT.log. Called by conftest.py once the tests that need it
+    are collected, when the quick evolve run (whose base is the same policy) is not part of the
+    session (fixture `pretrained_tiny`); an OUT already pre-trained is kept as it is."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".log"), "w") as log:
         return subprocess.Popen(
-            [str(VENV / "bin" / "rstar"), "model", "tiny", "--pretrain", "--out", str(out)],
+            [
+                str(VENV / "bin" / "rstar"),
+                "model",
+                "tiny",
+                "--pretrain",
+                "--preset",
+                "quick",
+                "--out",
+                str(out),
+            ],
             env=doc_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -184,8 +195,11 @@ def test_docs_run_as_written(tmp_path, pretrained_tiny):
     work.mkdir()
     (work / ".venv").symlink_to(VENV)
     shutil.copytree(pretrained_tiny, work / "tiny")
+    weights = (work / "tiny" / "model.safetensors").read_bytes()
     ran, failures = run_docs(DOCS, work, doc_env())
     assert not failures, "\n\n".join(failures)
+    # the tour's pre-training command recognised the fixture's policy as its own recipe
+    assert (work / "tiny" / "model.safetensors").read_bytes() == weights, "the tour pre-trained `tiny` again"
     # the tour ran end to end: a trained policy and PPM, an evaluation, a viewer page
     assert any(w.startswith("README.md") for w in ran), ran
     for path in ("policy_r2/rstar_training.json", "ppm_r2/rstar_training.json", "runs/eval/summary.json"):

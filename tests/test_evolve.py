@@ -32,23 +32,43 @@ def stages(run: Path) -> dict:
         return {}
 
 
-@pytest.mark.slow
-def test_quick_evolve_killed_and_resumed(tmp_path):
-    run = tmp_path / "run"
+def quick_evolve_killed_and_resumed(run: Path, started: list) -> tuple[dict, subprocess.CompletedProcess]:
+    """`rstar evolve --quick` into RUN, killed (kill -9) once round 1's extraction is done,
+    then resumed to the end: (the stages done before the kill, the resumed run). Each process
+    is appended to `started` as it starts (so that whoever runs this in a thread can kill it).
+
+    conftest.py runs this in a background thread from the moment the test below is collected:
+    the run (the suite's longest item) uses one core while the rest of the suite uses the
+    other, and the docs tour takes the run's pre-trained base as its `tiny` policy."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run_until_then_kill(
         evolve_cmd(run),
         lambda: "round1/extract" in stages(run),
         timeout_s=600,
         poll_s=0.2,
+        started=started,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     before = stages(run)
-    assert "round4/eval" not in before
+    proc = subprocess.Popen(
+        evolve_cmd(run), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    started.append(proc)
+    try:
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return before, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
-    done = subprocess.run(evolve_cmd(run), env=env, capture_output=True, text=True, timeout=900)
+
+@pytest.mark.slow
+def test_quick_evolve_killed_and_resumed(quick_evolve):
+    run, before, done = quick_evolve
+    assert "round4/eval" not in before
     assert done.returncode == 0, done.stderr[-3000:]
     after = stages(run)
     for name, info in before.items():  # finished stages were not run again

@@ -91,3 +91,40 @@ def test_checkpoints_resume_and_device(setup, capsys):
 
     code, _, err = _train([*base, *small, "--max-steps", "1", "--set", "model.device=tpu"], capsys)
     assert code == 2 and "model.device='tpu'" in err
+
+
+def test_pretrain_keeps_only_a_policy_of_the_same_recipe(tmp_path, capsys):
+    """`pretrain_tiny` (`rstar model tiny --pretrain`, `rstar evolve`'s base) keeps a directory
+    pre-trained with the same recipe, settings and seed records, and trains again when any of
+    them differs: the docs tour relies on it to take the quick run's base as its own."""
+    import dataclasses
+
+    from rstar.config import load_config
+    from rstar.models.tiny import pretrain_tiny
+
+    cfg = load_config("quick")
+    cfg = dataclasses.replace(
+        cfg,
+        pretrain=dataclasses.replace(cfg.pretrain, batch_size=4, micro_batch_size=4, eval_fraction=0.0),
+        evolve=dataclasses.replace(cfg.evolve, vocab_size=400),
+    )
+    recs = seed_sft_records(make_split("train", {1: 6}))
+    out = tmp_path / "tiny"
+
+    def weights() -> str:
+        return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+    def kept() -> bool:
+        return "already pre-trained with these settings; kept" in capsys.readouterr().err
+
+    pretrain_tiny(out, cfg, records=recs, max_steps=2)
+    first = weights()
+    assert not kept()
+    pretrain_tiny(out, cfg, records=recs, max_steps=2)
+    assert kept() and weights() == first
+    pretrain_tiny(out, cfg, records=recs[:-1], max_steps=2)  # other seed records
+    assert not kept() and weights() != first
+    second = weights()
+    other_lr = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, learning_rate=1e-4))
+    pretrain_tiny(out, other_lr, records=recs[:-1], max_steps=2)  # other settings
+    assert not kept() and weights() != second

@@ -152,17 +152,9 @@ def write_problems(path: Path, problems: list) -> None:
             f.write(json.dumps(p.to_dict()) + "\n")
 
 
-def per_level(counts: list[int], n_levels: int, name: str) -> dict[int, int]:
-    """{level: count} from one count for every level or one count per level (level 1 first)."""
-    if len(counts) not in (1, n_levels):
-        raise RstarError(f"{name}: expected one count or {n_levels} (one per level), got {counts}")
-    return {lv: counts[0 if len(counts) == 1 else lv - 1] for lv in range(1, n_levels + 1)}
-
-
 def prepare_problems(cfg: Config, run: Path) -> dict:
     """Training and test problems (and, for the embedded world, the seed SFT set)."""
     from rstar.data.problems import load_problems
-    from rstar.data.world import WorldConfig, make_split, seed_sft_records
 
     e = cfg.evolve
     pdir = run / "problems"
@@ -172,20 +164,9 @@ def prepare_problems(cfg: Config, run: Path) -> dict:
         write_problems(pdir / "train.jsonl", train)
         write_problems(pdir / "test.jsonl", test)
         return {"train": len(train), "test": len(test)}
-    world = WorldConfig()
-    train = make_split(
-        "train",
-        per_level(e.train_per_level, world.n_levels, "evolve.train_per_level"),
-        world,
-        seed=e.world_seed,
-    )
-    test = make_split(
-        "test", per_level(e.test_per_level, world.n_levels, "evolve.test_per_level"), world, seed=e.world_seed
-    )
-    # Seed solutions come from another seed's draws, minus any question that is searched.
-    searched = {p.question for p in train}
-    seed_pool = make_split("train", e.seed_counts, world, seed=e.world_seed + 1)
-    seed = seed_sft_records([p for p in seed_pool if p.question not in searched])
+    from rstar.data.world import world_sets
+
+    train, test, seed = world_sets(e)
     write_problems(pdir / "train.jsonl", train)
     write_problems(pdir / "test.jsonl", test)
     with open(pdir / "seed_sft.jsonl", "w") as f:
@@ -195,16 +176,13 @@ def prepare_problems(cfg: Config, run: Path) -> dict:
 
 
 def build_base(cfg: Config, run: Path, size: str, name: str) -> dict:
-    """A tiny policy (tokenizer trained on the world's text) pre-trained on the seed set."""
-    from rstar.data.world import WorldConfig, tokenizer_corpus
-    from rstar.models.tiny import build_tiny_policy
-    from rstar.training.sft import train_sft
+    """A tiny policy (tokenizer trained on the world's text) pre-trained on the run's seed set:
+    `rstar model tiny --pretrain`'s recipe, so a policy that command pre-trained with the same
+    settings is the same model (`pretrain_tiny` keeps it)."""
+    from rstar.models.tiny import pretrain_tiny
 
-    init = run / "models" / f"{name}_init"
-    build_tiny_policy(
-        init, tokenizer_corpus(WorldConfig(), n=1000), size=size, vocab_size=cfg.evolve.vocab_size
-    )
-    metrics = train_sft(run / "problems" / "seed_sft.jsonl", init, run / "models" / name, cfg.pretrain)
+    seed = [json.loads(x) for x in (run / "problems" / "seed_sft.jsonl").read_text().splitlines()]
+    metrics = pretrain_tiny(run / "models" / name, cfg, size=size, records=seed, device="auto")
     return {k: metrics[k] for k in ("train_loss", "eval_loss", "steps", "train_seconds") if k in metrics}
 
 

@@ -9,11 +9,19 @@ from collections.abc import Callable
 
 
 def run_until_then_kill(
-    cmd: list[str], ready: Callable[[], bool], timeout_s: float, poll_s: float = 0.05, **popen: object
+    cmd: list[str],
+    ready: Callable[[], bool],
+    timeout_s: float,
+    poll_s: float = 0.05,
+    started: list | None = None,
+    **popen: object,
 ) -> None:
     """Start `cmd`, wait until `ready()` holds (the process must still be running, and it
-    must happen within `timeout_s`), then SIGKILL it. The process never outlives the call."""
+    must happen within `timeout_s`), then SIGKILL it. The process never outlives the call;
+    it is appended to `started` if given (a caller in another thread can kill it early)."""
     proc = subprocess.Popen(cmd, **popen)
+    if started is not None:
+        started.append(proc)
     try:
         deadline = time.monotonic() + timeout_s
         while not ready():

@@ -85,10 +85,13 @@ import string
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rstar import steps
+from rstar import RstarError, steps
 from rstar.data.problems import Problem
+
+if TYPE_CHECKING:
+    from rstar.config import EvolveConfig
 
 # --- vocabulary --------------------------------------------------------------------------
 
@@ -852,3 +855,33 @@ def code_numbers(solution: str) -> set[int]:
     code = steps.program(steps.split_steps(solution))
     code = "\n".join(line.split("#", 1)[0] for line in code.splitlines())
     return {int(x) for x in re.findall(r"\b\d+\b", code)}
+
+
+# --- the sets of an `rstar evolve` run -------------------------------------------------------
+
+
+def per_level(counts: list[int], n_levels: int, name: str) -> dict[int, int]:
+    """{level: count} from one count for every level or one count per level (level 1 first)."""
+    if len(counts) not in (1, n_levels):
+        raise RstarError(f"{name}: expected one count or {n_levels} (one per level), got {counts}")
+    return {lv: counts[0 if len(counts) == 1 else lv - 1] for lv in range(1, n_levels + 1)}
+
+
+def world_sets(e: EvolveConfig) -> tuple[list, list, list[dict]]:
+    """The embedded world's (training problems, test problems, seed SFT records) of a run with
+    these settings. Seed solutions come from another seed's draws, minus any question that is
+    searched. `rstar evolve` writes them to RUN/problems/; `rstar model tiny --pretrain --preset
+    P` pre-trains on the same seed records, so its policy is the base of `rstar evolve --preset P`."""
+    world = WorldConfig()
+    train = make_split(
+        "train",
+        per_level(e.train_per_level, world.n_levels, "evolve.train_per_level"),
+        world,
+        seed=e.world_seed,
+    )
+    test = make_split(
+        "test", per_level(e.test_per_level, world.n_levels, "evolve.test_per_level"), world, seed=e.world_seed
+    )
+    searched = {p.question for p in train}
+    seed_pool = make_split("train", e.seed_counts, world, seed=e.world_seed + 1)
+    return train, test, seed_sft_records([p for p in seed_pool if p.question not in searched])

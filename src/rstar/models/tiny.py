@@ -17,22 +17,23 @@ The tokenizer is shaped for a small model learning the step format:
   keeps them, because they are content, not control tokens; only pad and eos are special.
 
 Command line: `rstar model tiny --out DIR [--size tiny|small|medium] [--corpus FILE] [--seed N]`
-writes random weights; `rstar model tiny --pretrain --out DIR` also pre-trains the policy on the
-embedded world's seed set (reference solutions of its seed levels, `pretrain_tiny`), exactly as
-`rstar evolve` pre-trains its base policy: a small policy that solves easy world problems, in
-a few minutes on 2 CPU cores. (Shorter pre-training does not pay: with a third or half of
-the 736 steps the policy had learnt the format but not yet to copy the question's numbers, and
-solved none of the easy problems; the loss falls steeply only after ~300 steps.)
+writes random weights; `rstar model tiny --pretrain [--preset P] --out DIR` also pre-trains the
+policy on the embedded world's seed set (reference solutions of its seed levels, `pretrain_tiny`),
+exactly as `rstar evolve --preset P` pre-trains its base policy (the same model): a small policy
+that solves easy world problems, in one to a few minutes on 2 CPU cores. (Shorter pre-training
+does not pay: with a third or half of 736 steps the policy had learnt the format but not yet to
+copy the question's numbers, and solved none of the easy problems; the loss falls steeply only
+after ~300 steps.)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import random
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +42,8 @@ from rstar import RstarError, steps
 
 if TYPE_CHECKING:  # keep `rstar model --help` free of torch/transformers imports
     from transformers import PreTrainedTokenizerFast
+
+    from rstar.config import Config
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -274,54 +277,46 @@ def count_parameters(model_dir: str | Path) -> int:
 
 # --- pre-training on the embedded world ---------------------------------------------------
 
-PRETRAIN_VOCAB_SIZE = 900  # the embedded preset's evolve.vocab_size
-PRETRAIN_PRESET = "embedded"
+PRETRAIN_PRESET = "embedded"  # `rstar model tiny --pretrain`'s default recipe: `rstar evolve`'s
 
 
 def pretrain_tiny(
     out_dir: str | Path,
+    cfg: Config | None = None,
     *,
     size: str = "tiny",
     seed: int = 0,
-    vocab_size: int = PRETRAIN_VOCAB_SIZE,
-    seed_problems: int | None = None,
-    epochs: float | None = None,
+    records: list[dict] | None = None,
     max_steps: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Build a tiny policy and pre-train it on the embedded world's seed set; returns the metrics.
 
-    The recipe of `rstar evolve`'s base policy (`evolve.build_base`, the embedded preset): a
-    tokenizer trained on the world's text, then SFT with the preset's `pretrain` settings on the
-    reference solutions of its seed levels, `seed_problems` per level (default: the preset's
-    `evolve.seed_per_level`) drawn from the world's train split with the seed the preset's seed
-    pool uses. Writes `out_dir` (an HF model directory, with `metrics.json` and
+    The recipe of `rstar evolve`'s base policy (`evolve.build_base` calls this): a tokenizer
+    (`cfg.evolve.vocab_size`) trained on the world's text, a `size` policy with initial weights
+    from `seed`, then SFT with `cfg.pretrain` on `records`, by default the seed solutions of a
+    run with `cfg`'s evolve settings (`rstar.data.world.world_sets`). `cfg` defaults to the
+    embedded preset. Writes `out_dir` (an HF model directory, with `metrics.json` and
     `rstar_training.json`). If `out_dir` already holds a policy pre-trained with the same
-    settings, it is kept and its metrics returned.
+    recipe, settings and seed records (their sha256), it is kept and its metrics returned: so
+    `rstar model tiny --pretrain --preset quick` finds a quick run's `models/base` already done.
     """
-    import dataclasses
     import tempfile
 
     from rstar.config import load_config
-    from rstar.data.world import WorldConfig, make_split, seed_sft_records, tokenizer_corpus
+    from rstar.data.world import WorldConfig, tokenizer_corpus
     from rstar.models import set_cpu_threads
-    from rstar.training.common import PROVENANCE_FILE
+    from rstar.training.common import PROVENANCE_FILE, data_provenance
     from rstar.training.sft import train_sft
 
-    cfg = load_config(PRETRAIN_PRESET)
+    cfg = cfg or load_config(PRETRAIN_PRESET)
     set_cpu_threads(cfg.model)  # as `rstar evolve` trains (the preset's model.cpu_threads)
-    train_cfg = cfg.pretrain if epochs is None else dataclasses.replace(cfg.pretrain, epochs=float(epochs))
-    e = cfg.evolve
-    levels = e.seed_counts if seed_problems is None else dict.fromkeys(e.seed_levels, seed_problems)
-    recipe = {
-        "preset": PRETRAIN_PRESET,
-        "size": size,
-        "init_seed": seed,
-        "vocab_size": vocab_size,
-        "seed_levels": list(cfg.evolve.seed_levels),
-        "seed_problems_per_level": list(levels.values()),
-        "world_seed": cfg.evolve.world_seed + 1,
-        "max_steps": max_steps,
-    }
+    if records is None:
+        from rstar.data.world import world_sets
+
+        records = world_sets(cfg.evolve)[2]
+    recipe = {"size": size, "init_seed": seed, "vocab_size": cfg.evolve.vocab_size, "max_steps": max_steps}
+    data_sha = data_provenance(records, records)["sha256"]
     out = Path(out_dir)
     done = out / PROVENANCE_FILE
     if done.exists() and (out / "model.safetensors").exists():
@@ -329,32 +324,36 @@ def pretrain_tiny(
             old = json.loads(done.read_text())
         except ValueError:
             old = {}
-        if old.get("pretrain") == recipe and old.get("config") == dataclasses.asdict(train_cfg):
+        if (
+            old.get("pretrain") == recipe
+            and old.get("config") == dataclasses.asdict(cfg.pretrain)
+            and (old.get("data") or {}).get("sha256") == data_sha
+        ):
             print(
                 f"[model] {out}: already pre-trained with these settings; kept", file=sys.stderr, flush=True
             )
             return dict(old.get("metrics") or {})
-    world = WorldConfig()
-    t0 = time.perf_counter()
-    records = seed_sft_records(make_split("train", levels, world, seed=recipe["world_seed"]))
     print(
-        f"[model] {len(records)} seed solutions (levels {recipe['seed_levels']}) in "
-        f"{time.perf_counter() - t0:.1f} s; pre-training a {size} policy for {train_cfg.epochs:g} "
-        f"epochs at lr {train_cfg.learning_rate:g} ...",
+        f"[model] pre-training a {size} policy on {len(records)} seed solutions for "
+        f"{cfg.pretrain.epochs:g} epochs at lr {cfg.pretrain.learning_rate:g} ...",
         file=sys.stderr,
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="rstar-tiny-init-") as tmp:
         init = build_tiny_policy(
-            Path(tmp) / "init", tokenizer_corpus(world, n=1000), size=size, seed=seed, vocab_size=vocab_size
+            Path(tmp) / "init",
+            tokenizer_corpus(WorldConfig(), n=1000),
+            size=size,
+            seed=seed,
+            vocab_size=cfg.evolve.vocab_size,
         )
         return train_sft(
             records,
             init,
             out,
-            train_cfg,
+            cfg.pretrain,
             max_steps=max_steps,
-            device="cpu",
+            device=device,
             provenance={
                 "base_model": f"random init (rstar model tiny --size {size} --seed {seed})",
                 "pretrain": recipe,
@@ -385,18 +384,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "already holds a policy pre-trained with the same settings is kept as it is",
     )
     p.add_argument(
+        "--preset",
+        default=PRETRAIN_PRESET,
+        help=f"--pretrain: the pre-training recipe of this `rstar evolve` preset: its seed set, its "
+        f"`pretrain` settings and tokenizer size (default: {PRETRAIN_PRESET}, 3 passes over 6,100 seed "
+        "solutions, ~1,150 steps; quick: 2 passes over 4,000, 490 steps)",
+    )
+    p.add_argument(
         "--seed-problems",
         type=int,
         default=None,
-        help="--pretrain: seed solutions per seed level (default: the embedded preset's, as `rstar "
-        "evolve`: 3000 of levels 1 and 2, 100 of level 3; fewer than ~500 optimizer steps leave a "
-        "policy that solves nothing)",
+        help="--pretrain: seed solutions per seed level (default: the preset's evolve.seed_per_level; "
+        "fewer than ~500 optimizer steps leave a policy that solves nothing)",
     )
     p.add_argument(
         "--epochs",
         type=float,
         default=None,
-        help="--pretrain: passes over the seed set (default: the embedded preset's, 3)",
+        help="--pretrain: passes over the seed set (default: the preset's pretrain.epochs)",
     )
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="model preset (default: tiny)")
     p.add_argument(
@@ -408,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vocab-size",
         type=int,
         default=None,
-        help=f"tokenizer vocabulary size (default: 512; with --pretrain {PRETRAIN_VOCAB_SIZE}, the evolve preset's)",
+        help="tokenizer vocabulary size (default: 512; with --pretrain the preset's evolve.vocab_size, 900)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default: 0)")
     p.set_defaults(func=_cmd_tiny)
@@ -420,17 +425,20 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
             raise RstarError(
                 "--corpus and --pretrain: the pre-trained policy's tokenizer is trained on the world's text"
             )
-        vocab = args.vocab_size if args.vocab_size is not None else PRETRAIN_VOCAB_SIZE
+        from rstar.config import load_config
+
+        cfg = load_config(args.preset)
+        e, pre = cfg.evolve, cfg.pretrain
+        if args.seed_problems is not None:
+            e = dataclasses.replace(e, seed_per_level=[args.seed_problems])
+        if args.vocab_size is not None:
+            e = dataclasses.replace(e, vocab_size=args.vocab_size)
+        if args.epochs is not None:
+            pre = dataclasses.replace(pre, epochs=float(args.epochs))
+        cfg = dataclasses.replace(cfg, evolve=e, pretrain=pre)
         out = Path(args.out)
         with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout: the result line
-            metrics = pretrain_tiny(
-                out,
-                size=args.size,
-                seed=args.seed,
-                vocab_size=vocab,
-                seed_problems=args.seed_problems,
-                epochs=args.epochs,
-            )
+            metrics = pretrain_tiny(out, cfg, size=args.size, seed=args.seed)
         print(
             f"{out}\t{count_parameters(out):,} parameters ({args.size}), pre-trained on "
             f"{metrics['train_examples']} seed solutions: {metrics['steps']} steps, "
