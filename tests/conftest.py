@@ -148,11 +148,12 @@ def start_quick_evolve() -> dict:
     from test_evolve import quick_evolve_killed_and_resumed
 
     where = Path(tempfile.mkdtemp(prefix="rstar-quick-"))
-    job: dict = {"run": where / "run", "procs": [], "result": None, "error": None, "cleanup": where}
+    job: dict = {"run": where / "run", "procs": [], "stop": threading.Event(), "cleanup": where}
+    job |= {"result": None, "error": None}
 
     def target() -> None:
         try:
-            job["result"] = quick_evolve_killed_and_resumed(job["run"], job["procs"])
+            job["result"] = quick_evolve_killed_and_resumed(job["run"], job["procs"], job["stop"])
         except BaseException as e:  # noqa: BLE001 - re-raised in the test that waits for it
             job["error"] = e
 
@@ -163,12 +164,15 @@ def start_quick_evolve() -> dict:
 
 def pytest_unconfigure(config):
     quick = config.stash.get(QUICK_EVOLVE, None)
-    if quick is not None:
-        for proc in quick["procs"]:  # the run ended early (-x, Ctrl-C): nothing waits for it
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        quick["thread"].join(timeout=30)
+    if quick is not None:  # the session may have ended early (-x, Ctrl-C): nothing waits for it
+        quick["stop"].set()
+        for wait in (True, False):  # again after the join: a process started meanwhile
+            for proc in quick["procs"]:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            if wait:
+                quick["thread"].join(timeout=30)
         shutil.rmtree(quick["cleanup"], ignore_errors=True)
     job = config.stash.get(TOUR_PRETRAINING, None)
     if job is not None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,13 @@ def stages(run: Path) -> dict:
         return {}
 
 
-def quick_evolve_killed_and_resumed(run: Path, started: list) -> tuple[dict, subprocess.CompletedProcess]:
+def quick_evolve_killed_and_resumed(
+    run: Path, started: list, stop: threading.Event
+) -> tuple[dict, subprocess.CompletedProcess]:
     """`rstar evolve --quick` into RUN, killed (kill -9) once round 1's extraction is done,
     then resumed to the end: (the stages done before the kill, the resumed run). Each process
-    is appended to `started` as it starts (so that whoever runs this in a thread can kill it).
+    is appended to `started` as it starts, and no process starts once `stop` is set (so that
+    whoever runs this in a thread can end it).
 
     conftest.py runs this in a background thread from the moment the test below is collected:
     the run (the suite's longest item) uses one core while the rest of the suite uses the
@@ -52,6 +56,8 @@ def quick_evolve_killed_and_resumed(run: Path, started: list) -> tuple[dict, sub
         stderr=subprocess.DEVNULL,
     )
     before = stages(run)
+    if stop.is_set():
+        raise RuntimeError("the test session ended before the quick run was resumed")
     proc = subprocess.Popen(
         evolve_cmd(run), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
