@@ -1,7 +1,7 @@
 """Shared test helpers: where the test data lies, single-threaded torch for tiny models, and
 the session-wide fixtures that several modules need (built once per run, issue 22): the tiny
-policy, the tiny policy after memorising a repeated step, a toy PPM, a sandbox pool and a
-grader. The quick evolve run and the docs tour's pre-trained policy start in the background as
+policy, the tiny policy after memorising a repeated step, a toy PPM and a toy implicit reward,
+a sandbox pool and a grader. The quick evolve run and the docs tour's pre-trained policy start in the background as
 soon as the tests are collected (`pytest_collection_modifyitems` below)."""
 
 from __future__ import annotations
@@ -82,6 +82,28 @@ def toy_ppm(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     with one_thread():
         metrics = train_reward(recs, tiny_dir, out, TOY_CFG, kind="ppm")
     return out, metrics, recs
+
+
+@pytest.fixture(scope="session")
+def toy_implicit(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(directory, metrics) of an implicit reward (`train_reward(kind="implicit")`, DPO) on the
+    toy pairs, from the random tiny policy: more epochs until its held-out accuracy is well
+    above chance (a cap, not a fixed-loss check). Beta 0.05: against a random reference the
+    summed log ratios run to +-100 (a trained policy as reference gives far less), and a larger
+    beta saturates tanh."""
+    import dataclasses
+
+    from helpers.toy_ppm import TOY_CFG, toy_pairs
+    from rstar.training.reward import train_reward
+
+    out = tmp_path_factory.mktemp("implicit") / "toy"
+    with one_thread():
+        for epochs in (3, 6, 12):
+            cfg = dataclasses.replace(TOY_CFG, epochs=epochs, beta=0.05)
+            metrics = train_reward(toy_pairs(48), tiny_dir, out, cfg, kind="implicit")
+            if metrics["heldout_accuracy"] >= 0.9:
+                break
+    return out, metrics
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ training.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from helpers.toy_ppm import TOY_CFG
 from rstar import RstarError, steps
 from rstar.config import TrainConfig
 from rstar.models import RewardModel
-from rstar.models.ppm import HFRewardModel, encode, load_reward_model, values_from_logits
+from rstar.models.ppm import HFRewardModel, encode, load_reward_model, split_ids, values_from_logits
 from rstar.training.common import problem_key, split_held_out
 from rstar.training.reward import train_reward
 
@@ -320,3 +321,54 @@ def test_score_texts_moves_the_batch_and_its_mask_to_the_device_and_times_the_mo
     assert rm.model_seconds == 10.0  # one perf_counter pair around the forward passes
     rm.score_texts(["a"])
     assert rm.model_seconds == 20.0
+
+
+# --- the implicit reward (a DPO-trained policy scored against its reference) -----------------
+
+
+def test_implicit_reward_learns_the_preference_and_scores_like_its_training(
+    toy_implicit: tuple[Path, dict], tiny_dir: Path
+) -> None:
+    from helpers.toy_ppm import toy_pairs
+    from rstar.models.ppm import ImplicitRewardModel
+
+    out, metrics = toy_implicit
+    assert metrics["kind"] == "implicit" and metrics["heldout_accuracy"] >= 0.9, metrics
+    info = json.loads((out / "config.json").read_text())["rstar_reward"]
+    assert info["kind"] == "implicit" and Path(info["reference"]) == tiny_dir.resolve()
+    assert json.loads((out / "rstar_training.json").read_text())["metrics"] == metrics
+    scorer = load_reward_model(out, max_batch_size=3)  # what the search loads
+    assert isinstance(scorer, ImplicitRewardModel) and scorer.beta == 0.05
+    fresh = toy_pairs(8, seed=1)  # problems it never saw
+    good = scorer.score([r["prompt"] for r in fresh], [r["pos"] for r in fresh])
+    bad = scorer.score([r["prompt"] for r in fresh], [r["neg"] for r in fresh])
+    assert sum(g > b for g, b in zip(good, bad)) >= 7, (good, bad)
+    # the value is tanh(beta x summed log ratio), the same number batched or alone
+    ratios = scorer.log_ratios([r["prompt"] + r["pos"] for r in fresh])
+    assert good == pytest.approx([math.tanh(0.05 * x) for x in ratios], abs=1e-9)
+    alone = [scorer.score([r["prompt"]], [r["pos"]])[0] for r in fresh]
+    assert alone == pytest.approx(good, abs=1e-5)
+    # only the response's tokens count: they start where the prompt's own tokens end (TRL's
+    # DPO split), and a cut from the left keeps the end and moves that start with it
+    text = fresh[0]["prompt"] + fresh[0]["pos"]
+    ids, first = split_ids(scorer.tokenizer, text, 10_000)
+    prompt_ids = scorer.tokenizer(fresh[0]["prompt"], add_special_tokens=False)["input_ids"]
+    assert ids[:first] == prompt_ids[:first] and first >= len(prompt_ids) - 1
+    assert scorer.tokenizer.decode(ids[first:]).endswith(fresh[0]["pos"].rstrip())
+    cut, cut_first = split_ids(scorer.tokenizer, text, len(ids) - 5)
+    assert cut == ids[5:] and cut_first == first - 5
+
+
+def test_implicit_reward_needs_its_reference(toy_implicit: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    out, _ = toy_implicit
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    cfg["rstar_reward"]["reference"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RstarError, match="reference policy"):
+        load_reward_model(moved)
+    with pytest.raises(RstarError, match="--kind 'dpo'"):
+        train_reward([], out, tmp_path / "x", TOY_CFG, kind="dpo")

@@ -533,11 +533,14 @@ class GoodBadPolicy(BranchingPolicy):
         return ["\n\n# Now print the final answer\nprint(y)\n<end_of_code>"], []
 
 
-@pytest.fixture(scope="module")
-def toy_reward(toy_ppm, torch_one_thread):
+@pytest.fixture(scope="module", params=["ppm", "implicit"])
+def toy_reward(request, torch_one_thread):
+    """A real reward model that prefers `good` steps: the toy PPM (a value head), or the toy
+    implicit reward (a DPO-trained policy scored against its reference)."""
     from rstar.models.ppm import load_reward_model
 
-    return load_reward_model(toy_ppm[0], device="cpu")
+    fixture = "toy_ppm" if request.param == "ppm" else "toy_implicit"
+    return load_reward_model(request.getfixturevalue(fixture)[0], device="cpu")
 
 
 def test_a_real_ppm_steers_inference_mcts(sandbox, grader, toy_reward):

@@ -144,6 +144,11 @@ class TrainConfig:
     bf16: str = _f("auto", "auto (bf16 where the hardware supports it) | true | false")
     seed: int = _f(0, "training seed (data order, held-out split, head initialisation)")
     logging_steps: int = _f(10, "optimizer steps between log lines")
+    beta: float = _f(
+        0.1,
+        "implicit reward only (`rstar train ppm --kind implicit`): DPO's beta, which also scales "
+        "its scores (value = tanh(beta x the summed log ratio to the reference policy))",
+    )
     sampling: str = _f(
         "random",
         "order of the training examples: random | group_by_length (batches of similar length: "

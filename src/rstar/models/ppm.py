@@ -11,6 +11,13 @@ what they were trained on and with which loss (`rstar.training.reward`):
 - "orm": whole-solution preference pairs, same loss (outcome reward model baseline);
 - "pqm": pointwise regression of each step's Q value, MSE loss (Q-value baseline).
 
+A fourth kind is not a value head: "implicit" (`ImplicitRewardModel`), an implicit process
+reward (Yuan et al., "Free Process Rewards without Process Labels", 2024): the policy trained
+with DPO on the same pairs, whose value of a text is tanh(beta x the sum, over the response's
+tokens, of log pi(token) - log pi_ref(token)), pi_ref the policy it started from. On this
+project's embedded world it ranked held-out pairs better than the PPM did (docs/EXPERIMENTS.md,
+E10), because it reads the LM head's token probabilities rather than one hidden state.
+
 Input format. A step is scored as the text `prefix + step`, concatenated exactly (the prefix
 is the prompt and the earlier steps; the step text carries its own tags), the same text the
 training pairs give as `prompt + pos`. Texts longer than the model's limit are cut from the
@@ -34,6 +41,7 @@ same safetensors file: a saved directory loads with `from_pretrained` alone, wit
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +54,8 @@ from rstar import RstarError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-REWARD_KINDS = ("ppm", "orm", "pqm")
+REWARD_KINDS = ("ppm", "orm", "pqm")  # value heads (init_reward_model)
+IMPLICIT = "implicit"  # a DPO-trained causal LM scored against its reference (ImplicitRewardModel)
 CONFIG_KEY = "rstar_reward"  # the model-config attribute that marks a reward-model directory
 VALUE_ACTIVATION = "tanh"
 DEFAULT_MAX_LENGTH = 2048
@@ -244,8 +253,143 @@ class HFRewardModel:
         return out
 
 
+def response_start(text: str) -> int:
+    """Where the response of a scored text begins: at the newline before the assistant header,
+    where the authors' pair prompts end (`steps.ppm_prompt`; the whole-solution `pos`/`neg`
+    begin there). 0 for a text without the header (all of it is response)."""
+    from rstar.steps import ASSISTANT_HEADER
+
+    i = text.find("\n" + ASSISTANT_HEADER)
+    return i if i >= 0 else 0
+
+
+def split_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> tuple[list[int], int]:
+    """(token ids, index of the first response token) of a text for the implicit reward, as
+    TRL's DPO trainer tokenizes a prompt and its completion: the whole text at once, the
+    completion starting where those ids leave the prompt's own ids (a token merged across the
+    seam counts as the completion's). Cut from the LEFT to `max_length`, so the end is kept."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    cut = response_start(text)
+    head = tokenizer(text[:cut], add_special_tokens=False)["input_ids"] if cut else []
+    first = 0
+    while first < min(len(head), len(ids)) and head[first] == ids[first]:
+        first += 1
+    drop = max(0, len(ids) - max_length)
+    return ids[drop:], max(0, first - drop)
+
+
+class ImplicitRewardModel:
+    """A `RewardModel` of kind "implicit" (module doc): value(text) = tanh(beta * sum over the
+    response's tokens of log pi - log pi_ref), in [-1, 1] like the PPM's values (the response
+    starts at `response_start`; a text without the assistant header is all response). A step's
+    value is that of prefix + step: the partial solution's cumulative implicit reward, which is
+    what MCTS's q-initialisation and best-of-N read.
+
+    Args:
+        path: a directory written by `rstar train ppm --kind implicit` (its config's
+            `rstar_reward` names the reference policy and beta).
+        device, dtype, max_batch_size, max_length: as for `HFRewardModel` (both models score
+            every text, each forward pass materialises (B, T, vocab) logits: keep batches small).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+        max_length: int | None = None,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from rstar.models.hf import load_model
+
+        info = reward_info(AutoConfig.from_pretrained(str(path))) or {}
+        if info.get("kind") != IMPLICIT:
+            raise RstarError(f"{path}: not an implicit reward model (rstar_reward kind {info.get('kind')!r})")
+        reference = str(info.get("reference") or "")
+        if not reference:
+            raise RstarError(f"{path}: its rstar_reward names no reference policy")
+        self.model, self.tokenizer, self.device, self.dtype = load_model(
+            AutoModelForCausalLM, path, None, device, dtype, owner="ImplicitRewardModel"
+        )
+        try:
+            self.reference, _, _, _ = load_model(
+                AutoModelForCausalLM, reference, self.tokenizer, device, dtype, owner="ImplicitRewardModel"
+            )
+        except OSError as e:
+            raise RstarError(f"{path}: its reference policy {reference!r} does not load: {e}") from e
+        self.kind = IMPLICIT
+        self.beta = float(info.get("beta", 0.1))
+        self.max_length = int(max_length or info.get("max_length") or DEFAULT_MAX_LENGTH)
+        self.max_batch_size = max_batch_size
+        self.model.eval()
+        self.reference.eval()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pad_id: int = self.tokenizer.pad_token_id
+        self.calls = 0
+        self.texts_scored = 0
+        self.tokens_scored = 0
+        self.model_seconds = 0.0
+
+    def score(self, prefixes: list[str], steps: list[str]) -> list[float]:
+        """Value in [-1, 1] of each step given its prefix (prompt + earlier steps)."""
+        if len(prefixes) != len(steps):
+            raise ValueError(f"score: {len(prefixes)} prefixes but {len(steps)} steps")
+        return self.score_texts([p + s for p, s in zip(prefixes, steps)])
+
+    def log_ratios(self, texts: list[str]) -> list[float]:
+        """Sum over each text's response tokens of log pi - log pi_ref (unscaled)."""
+        enc = [split_ids(self.tokenizer, t, self.max_length) for t in texts]
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]), reverse=True)
+        out = [0.0] * len(enc)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.max_batch_size):
+                rows = order[start : start + self.max_batch_size]
+                ids, mask = pad_right([enc[i][0] for i in rows], self.pad_id)  # (B, T) each
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                # token t+1's log-probability under each model, (B, T-1)
+                gathered = [
+                    m(input_ids=ids, attention_mask=mask)
+                    .logits[:, :-1]
+                    .float()
+                    .log_softmax(-1)
+                    .gather(-1, ids[:, 1:, None])[..., 0]
+                    for m in (self.model, self.reference)
+                ]
+                ratio = (gathered[0] - gathered[1]) * mask[:, 1:]
+                pos = torch.arange(ratio.shape[1], device=ratio.device)[None, :] + 1  # predicted token
+                first = torch.tensor([enc[i][1] for i in rows], device=ratio.device)[:, None]
+                sums = (ratio * (pos >= first)).sum(-1)
+                for i, v in zip(rows, sums.tolist()):
+                    out[i] = v
+                self.tokens_scored += int(mask.sum())
+        return out
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        """Value in [-1, 1] of each whole text: tanh(beta * its summed log ratio)."""
+        self.calls += 1
+        if not texts:
+            return []
+        t0 = time.perf_counter()
+        values = [math.tanh(self.beta * r) for r in self.log_ratios(texts)]  # float64: less saturation
+        self.model_seconds += time.perf_counter() - t0
+        self.texts_scored += len(texts)
+        return values
+
+
 def load_reward_model(
     path: str | Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 64
-) -> HFRewardModel:
-    """Load a PPM, ORM or PQM directory (what `rstar.models.load_reward` calls)."""
+) -> HFRewardModel | ImplicitRewardModel:
+    """Load a PPM, ORM, PQM or implicit reward directory (what `rstar.models.load_reward` calls)."""
+    from transformers import AutoConfig
+
+    if (Path(path) / "config.json").exists():
+        info = reward_info(AutoConfig.from_pretrained(str(path))) or {}
+        if info.get("kind") == IMPLICIT:
+            return ImplicitRewardModel(
+                path, device=device, dtype=dtype, max_batch_size=min(max_batch_size, 16)
+            )
     return HFRewardModel(path, device=device, dtype=dtype, max_batch_size=max_batch_size)

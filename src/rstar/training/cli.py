@@ -57,9 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppm.add_argument(
         "--kind",
         default="ppm",
-        choices=["ppm", "orm", "pqm"],
+        choices=["ppm", "orm", "pqm", "implicit"],
         help="ppm: step pairs, pairwise loss (default); orm: whole-solution pairs, pairwise loss; "
-        "pqm: {prompt, step, q} records, regression to Q",
+        "pqm: {prompt, step, q} records, regression to Q; implicit: the pairs by DPO (--set "
+        "ppm.beta=B), scored by the log ratio to the starting policy (docs/EXPERIMENTS.md E10)",
     )
     ppm.set_defaults(func=_cmd_ppm, section="ppm")
 

@@ -13,6 +13,9 @@ three read their values through the same tanh the search scores with.
   train on raw values and score tanh(raw / 5) (their issue #12); we do not.
 - ORM ("orm"): the same loss on whole-solution pairs (pos/neg end with `<end_of_answer>`).
 - PQM ("pqm"): `{"prompt", "step", "q"}` records, MSE between tanh(raw) and the step's Q.
+- Implicit ("implicit", not the paper's): the same pairs through TRL's DPOTrainer, the policy
+  `base_model` as the reference; `rstar.models.ppm.ImplicitRewardModel` scores it
+  (docs/EXPERIMENTS.md E10: it ranked held-out pairs better than the PPM on the embedded world).
 
 TRL's RewardTrainer does the pairwise training; only its `compute_loss` is replaced, to put
 the tanh in. The examples are handed to it tokenized by `rstar.models.ppm.encode` (cut from
@@ -27,6 +30,7 @@ value(pos) > value(neg); for the PQM, `eval_mse`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -40,8 +44,19 @@ from transformers import Trainer, TrainingArguments
 from trl import RewardConfig, RewardTrainer
 
 from rstar import RstarError, steps
-from rstar.models.ppm import REWARD_KINDS, encode, init_reward_model, pad_right, values_from_logits
+from rstar.models.ppm import (
+    CONFIG_KEY,
+    IMPLICIT,
+    REWARD_KINDS,
+    VALUE_ACTIVATION,
+    encode,
+    init_reward_model,
+    pad_right,
+    split_ids,
+    values_from_logits,
+)
 from rstar.training.common import (
+    PROVENANCE_FILE,
     Records,
     data_provenance,
     load_records,
@@ -51,6 +66,7 @@ from rstar.training.common import (
     split_held_out,
     trainer_arguments,
     warn_small_model_lr,
+    write_metrics,
 )
 
 if TYPE_CHECKING:
@@ -201,7 +217,8 @@ def train_reward(
     resume_from_checkpoint: str | bool | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train a reward model of `kind` ("ppm", "orm" or "pqm") from the SFT policy `base_model`.
+    """Train a reward model of `kind` ("ppm", "orm", "pqm" or "implicit") from the SFT policy
+    `base_model`.
 
     `data`: a list of records or a JSON/JSONL file of them (pairs for ppm/orm, `{"prompt",
     "step", "q"}` for pqm). `max_steps`, if given, stops after that many optimizer steps.
@@ -210,8 +227,8 @@ def train_reward(
     records how it was made. `device`, `save_steps`, `resume_from_checkpoint` and `provenance`
     as in `train_sft`.
     """
-    if kind not in REWARD_KINDS:
-        raise RstarError(f"--kind {kind!r}: expected one of {', '.join(REWARD_KINDS)}")
+    if kind not in (*REWARD_KINDS, IMPLICIT):
+        raise RstarError(f"--kind {kind!r}: expected one of {', '.join((*REWARD_KINDS, IMPLICIT))}")
     if kind == "pqm":
         records = load_records(data, PQM_FIELDS, what="PQM data")
         for r in records:
@@ -229,6 +246,24 @@ def train_reward(
 
     used_device = select_device(device)
     torch.manual_seed(cfg.seed)
+    if kind == IMPLICIT:
+        targs = trainer_arguments(
+            cfg, out, max_steps=max_steps, has_eval=False, device=used_device, save_steps=save_steps
+        )
+        return _train_implicit(
+            data,
+            records,
+            train_recs,
+            eval_recs,
+            base_model,
+            out,
+            cfg,
+            targs,
+            used_device,
+            max_steps=max_steps,
+            resume_from_checkpoint=resume_from_checkpoint,
+            provenance=provenance,
+        )
     model, tokenizer = init_reward_model(base_model, kind, max_length=cfg.max_length)
     warn_small_model_lr(model.num_parameters(), cfg, "ppm")
     targs = trainer_arguments(
@@ -293,4 +328,107 @@ def train_reward(
         resumed_from=None if resume_from_checkpoint is None else str(resume_from_checkpoint),
         extra=provenance,
     )
+    return metrics
+
+
+def _train_implicit(
+    data: Records,
+    records: list[dict],
+    train_recs: list[dict],
+    eval_recs: list[dict],
+    base_model: str | Path,
+    out: Path,
+    cfg: TrainConfig,
+    targs: dict[str, Any],
+    device: str,
+    *,
+    max_steps: int | None,
+    resume_from_checkpoint: str | bool | None,
+    provenance: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The implicit reward (`rstar.models.ppm.ImplicitRewardModel`): TRL's DPO trainer on the
+    pairs (prompt, chosen = pos, rejected = neg), the reference being `base_model` itself. Pairs
+    longer than `cfg.max_length` tokens are left out (TRL's DPO cuts from the right, which would
+    cut the step being judged; the scorer cuts from the left). Held-out accuracy is measured
+    with the scorer that the search uses, so training and scoring are checked to agree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from rstar.models.ppm import ImplicitRewardModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def fits(r: dict) -> bool:
+        return all(
+            len(split_ids(tokenizer, r["prompt"] + r[k], 10**9)[0]) <= cfg.max_length for k in ("pos", "neg")
+        )
+
+    kept = [r for r in train_recs if fits(r)]
+    if len(kept) < len(train_recs):
+        log.warning(
+            "%d of %d pairs are longer than %d tokens: left out",
+            len(train_recs) - len(kept),
+            len(train_recs),
+            cfg.max_length,
+        )
+    if not kept:
+        raise RstarError(f"implicit reward: no training pair fits in max_length {cfg.max_length}")
+    ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["pos"], "rejected": r["neg"]} for r in kept])
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    trainer = DPOTrainer(
+        model=model,
+        args=DPOConfig(**targs, beta=cfg.beta, max_length=None),
+        train_dataset=ds,
+        processing_class=tokenizer,
+    )
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
+    seconds = time.perf_counter() - t0
+    local = Path(str(base_model)).exists()
+    reference = str(Path(str(base_model)).resolve()) if local else str(base_model)
+    setattr(
+        trainer.model.config,
+        CONFIG_KEY,
+        {
+            "kind": IMPLICIT,
+            "activation": VALUE_ACTIVATION,
+            "max_length": int(cfg.max_length),
+            "beta": float(cfg.beta),
+            "reference": reference,
+        },
+    )
+    metrics: dict[str, Any] = {
+        "kind": IMPLICIT,
+        "train_loss": result.training_loss,
+        "train_records": len(kept),
+        "eval_records": len(eval_recs),
+        "steps": trainer.state.global_step,
+        "train_seconds": seconds,
+    }
+    save_trained(
+        trainer,
+        tokenizer,
+        out,
+        metrics,
+        kind=IMPLICIT,
+        base_model=base_model,
+        data=data_provenance(data, records),
+        cfg=cfg,
+        device=device,
+        max_steps=max_steps,
+        resumed_from=None if resume_from_checkpoint is None else str(resume_from_checkpoint),
+        extra=provenance,
+    )
+    if eval_recs:
+        scorer = ImplicitRewardModel(out, device=device, max_length=cfg.max_length)
+        pos = scorer.log_ratios([r["prompt"] + r["pos"] for r in eval_recs])
+        neg = scorer.log_ratios([r["prompt"] + r["neg"] for r in eval_recs])
+        metrics["heldout_accuracy"] = sum(a > b for a, b in zip(pos, neg)) / len(eval_recs)
+        write_metrics(out, metrics)
+        prov = json.loads((out / PROVENANCE_FILE).read_text())
+        (out / PROVENANCE_FILE).write_text(
+            json.dumps({**prov, "metrics": metrics}, indent=2, default=str) + "\n"
+        )
     return metrics
