@@ -160,7 +160,28 @@ def _quiet_head_swap() -> Any:
     return suppress_seqcls_warning()
 
 
-class HFRewardModel:
+class _Scorer:
+    """What the reward-model classes share: `score` (the `RewardModel` protocol) on top of their
+    `score_texts`, and the counters they keep."""
+
+    def _start_counters(self) -> None:
+        self.calls = 0
+        self.texts_scored = 0
+        self.tokens_scored = 0
+        self.model_seconds = 0.0
+
+    def score(self, prefixes: list[str], steps: list[str]) -> list[float]:
+        """Value in [-1, 1] of each step given its prefix (prompt + earlier steps): the value of
+        the text prefix + step."""
+        if len(prefixes) != len(steps):
+            raise ValueError(f"score: {len(prefixes)} prefixes but {len(steps)} steps")
+        return self.score_texts([p + s for p, s in zip(prefixes, steps)])
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+
+class HFRewardModel(_Scorer):
     """A `RewardModel` (see `rstar.models.base`): PPM, ORM or PQM, all scored the same way.
 
     Args:
@@ -218,16 +239,7 @@ class HFRewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id: int = self.tokenizer.pad_token_id
         self.model.config.pad_token_id = self.pad_id
-        self.calls = 0
-        self.texts_scored = 0
-        self.tokens_scored = 0
-        self.model_seconds = 0.0
-
-    def score(self, prefixes: list[str], steps: list[str]) -> list[float]:
-        """Value in [-1, 1] of each step given its prefix (prompt + earlier steps)."""
-        if len(prefixes) != len(steps):
-            raise ValueError(f"score: {len(prefixes)} prefixes but {len(steps)} steps")
-        return self.score_texts([p + s for p, s in zip(prefixes, steps)])
+        self._start_counters()
 
     def score_texts(self, texts: list[str]) -> list[float]:
         """Value in [-1, 1] of each whole text (its last token is the one the head reads)."""
@@ -278,7 +290,7 @@ def split_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) ->
     return ids[drop:], max(0, first - drop)
 
 
-class ImplicitRewardModel:
+class ImplicitRewardModel(_Scorer):
     """A `RewardModel` of kind "implicit" (module doc): value(text) = tanh(beta * sum over the
     response's tokens of log pi - log pi_ref), in [-1, 1] like the PPM's values (the response
     starts at `response_start`; a text without the assistant header is all response). A step's
@@ -329,16 +341,7 @@ class ImplicitRewardModel:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id: int = self.tokenizer.pad_token_id
-        self.calls = 0
-        self.texts_scored = 0
-        self.tokens_scored = 0
-        self.model_seconds = 0.0
-
-    def score(self, prefixes: list[str], steps: list[str]) -> list[float]:
-        """Value in [-1, 1] of each step given its prefix (prompt + earlier steps)."""
-        if len(prefixes) != len(steps):
-            raise ValueError(f"score: {len(prefixes)} prefixes but {len(steps)} steps")
-        return self.score_texts([p + s for p, s in zip(prefixes, steps)])
+        self._start_counters()
 
     def log_ratios(self, texts: list[str]) -> list[float]:
         """Sum over each text's response tokens of log pi - log pi_ref (unscaled)."""

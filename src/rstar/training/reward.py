@@ -30,7 +30,6 @@ value(pos) > value(neg); for the PQM, `eval_mse`.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -56,7 +55,6 @@ from rstar.models.ppm import (
     values_from_logits,
 )
 from rstar.training.common import (
-    PROVENANCE_FILE,
     Records,
     data_provenance,
     load_records,
@@ -66,7 +64,6 @@ from rstar.training.common import (
     split_held_out,
     trainer_arguments,
     warn_small_model_lr,
-    write_metrics,
 )
 
 if TYPE_CHECKING:
@@ -246,29 +243,20 @@ def train_reward(
 
     used_device = select_device(device)
     torch.manual_seed(cfg.seed)
-    if kind == IMPLICIT:
-        targs = trainer_arguments(
-            cfg, out, max_steps=max_steps, has_eval=False, device=used_device, save_steps=save_steps
-        )
-        return _train_implicit(
-            data,
-            records,
-            train_recs,
-            eval_recs,
-            base_model,
-            out,
-            cfg,
-            targs,
-            used_device,
-            max_steps=max_steps,
-            resume_from_checkpoint=resume_from_checkpoint,
-            provenance=provenance,
-        )
-    model, tokenizer = init_reward_model(base_model, kind, max_length=cfg.max_length)
-    warn_small_model_lr(model.num_parameters(), cfg, "ppm")
     targs = trainer_arguments(
-        cfg, out, max_steps=max_steps, has_eval=bool(eval_recs), device=used_device, save_steps=save_steps
+        cfg,
+        out,
+        max_steps=max_steps,
+        has_eval=bool(eval_recs) and kind != IMPLICIT,
+        device=used_device,
+        save_steps=save_steps,
     )
+    eval_ds = None
+    if kind == IMPLICIT:
+        trainer, tokenizer, train_recs, n_tokens = _implicit_trainer(train_recs, base_model, cfg, targs)
+    else:
+        model, tokenizer = init_reward_model(base_model, kind, max_length=cfg.max_length)
+        warn_small_model_lr(model.num_parameters(), cfg, "ppm")
     if kind == "pqm":
         train_ds = _value_dataset(train_recs, tokenizer, cfg.max_length)
         eval_ds = _value_dataset(eval_recs, tokenizer, cfg.max_length) if eval_recs else None
@@ -281,7 +269,7 @@ def train_reward(
             processing_class=tokenizer,
         )
         n_tokens = sum(len(x) for x in train_ds["input_ids"])
-    else:
+    elif kind != IMPLICIT:
         train_ds = _pair_dataset(train_recs, tokenizer, cfg.max_length)
         eval_ds = _pair_dataset(eval_recs, tokenizer, cfg.max_length) if eval_recs else None
         trainer = PairwiseRewardTrainer(
@@ -314,6 +302,25 @@ def train_reward(
         else:
             metrics["eval_loss"] = ev["eval_loss"]
             metrics["heldout_accuracy"] = ev["eval_pairwise_accuracy"]
+    if kind == IMPLICIT:
+        reference = Path(str(base_model))
+        setattr(
+            trainer.model.config,
+            CONFIG_KEY,
+            {
+                "kind": IMPLICIT,
+                "activation": VALUE_ACTIVATION,
+                "max_length": int(cfg.max_length),
+                "beta": float(cfg.beta),
+                # a local directory by its absolute path (the model may be read from elsewhere)
+                "reference": str(reference.resolve()) if reference.exists() else str(base_model),
+            },
+        )
+    if kind == IMPLICIT and eval_recs:
+        # measured after saving, with the scorer the search uses (training and scoring agree)
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+        metrics["heldout_accuracy"] = _implicit_accuracy(out, eval_recs, used_device, cfg.max_length)
     save_trained(
         trainer,
         tokenizer,
@@ -331,41 +338,24 @@ def train_reward(
     return metrics
 
 
-def _train_implicit(
-    data: Records,
-    records: list[dict],
-    train_recs: list[dict],
-    eval_recs: list[dict],
-    base_model: str | Path,
-    out: Path,
-    cfg: TrainConfig,
-    targs: dict[str, Any],
-    device: str,
-    *,
-    max_steps: int | None,
-    resume_from_checkpoint: str | bool | None,
-    provenance: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The implicit reward (`rstar.models.ppm.ImplicitRewardModel`): TRL's DPO trainer on the
-    pairs (prompt, chosen = pos, rejected = neg), the reference being `base_model` itself. Pairs
-    longer than `cfg.max_length` tokens are left out (TRL's DPO cuts from the right, which would
-    cut the step being judged; the scorer cuts from the left). Held-out accuracy is measured
-    with the scorer that the search uses, so training and scoring are checked to agree."""
+def _implicit_trainer(
+    train_recs: list[dict], base_model: str | Path, cfg: TrainConfig, targs: dict[str, Any]
+) -> tuple[Trainer, PreTrainedTokenizerBase, list[dict], int]:
+    """(trainer, tokenizer, pairs kept, their tokens) for the implicit reward: TRL's DPO trainer
+    on the pairs (prompt, chosen = pos, rejected = neg), the reference being `base_model`
+    itself. Pairs longer than `cfg.max_length` tokens are left out: TRL's DPO cuts from the
+    right, which would cut the step being judged (the scorer cuts from the left)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-
-    from rstar.models.ppm import ImplicitRewardModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-
-    def fits(r: dict) -> bool:
-        return all(
-            len(split_ids(tokenizer, r["prompt"] + r[k], 10**9)[0]) <= cfg.max_length for k in ("pos", "neg")
-        )
-
-    kept = [r for r in train_recs if fits(r)]
+    lengths = [
+        [len(split_ids(tokenizer, r["prompt"] + r[k], 1 << 30)[0]) for k in ("pos", "neg")]
+        for r in train_recs
+    ]
+    kept = [r for r, n in zip(train_recs, lengths) if max(n) <= cfg.max_length]
     if len(kept) < len(train_recs):
         log.warning(
             "%d of %d pairs are longer than %d tokens: left out",
@@ -377,58 +367,22 @@ def _train_implicit(
         raise RstarError(f"implicit reward: no training pair fits in max_length {cfg.max_length}")
     ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["pos"], "rejected": r["neg"]} for r in kept])
     model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    warn_small_model_lr(model.num_parameters(), cfg, "ppm")
     trainer = DPOTrainer(
         model=model,
         args=DPOConfig(**targs, beta=cfg.beta, max_length=None),
         train_dataset=ds,
         processing_class=tokenizer,
     )
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
-    seconds = time.perf_counter() - t0
-    local = Path(str(base_model)).exists()
-    reference = str(Path(str(base_model)).resolve()) if local else str(base_model)
-    setattr(
-        trainer.model.config,
-        CONFIG_KEY,
-        {
-            "kind": IMPLICIT,
-            "activation": VALUE_ACTIVATION,
-            "max_length": int(cfg.max_length),
-            "beta": float(cfg.beta),
-            "reference": reference,
-        },
-    )
-    metrics: dict[str, Any] = {
-        "kind": IMPLICIT,
-        "train_loss": result.training_loss,
-        "train_records": len(kept),
-        "eval_records": len(eval_recs),
-        "steps": trainer.state.global_step,
-        "train_seconds": seconds,
-    }
-    save_trained(
-        trainer,
-        tokenizer,
-        out,
-        metrics,
-        kind=IMPLICIT,
-        base_model=base_model,
-        data=data_provenance(data, records),
-        cfg=cfg,
-        device=device,
-        max_steps=max_steps,
-        resumed_from=None if resume_from_checkpoint is None else str(resume_from_checkpoint),
-        extra=provenance,
-    )
-    if eval_recs:
-        scorer = ImplicitRewardModel(out, device=device, max_length=cfg.max_length)
-        pos = scorer.log_ratios([r["prompt"] + r["pos"] for r in eval_recs])
-        neg = scorer.log_ratios([r["prompt"] + r["neg"] for r in eval_recs])
-        metrics["heldout_accuracy"] = sum(a > b for a, b in zip(pos, neg)) / len(eval_recs)
-        write_metrics(out, metrics)
-        prov = json.loads((out / PROVENANCE_FILE).read_text())
-        (out / PROVENANCE_FILE).write_text(
-            json.dumps({**prov, "metrics": metrics}, indent=2, default=str) + "\n"
-        )
-    return metrics
+    n_tokens = sum(sum(n) for r, n in zip(train_recs, lengths) if max(n) <= cfg.max_length)
+    return trainer, tokenizer, kept, n_tokens
+
+
+def _implicit_accuracy(out: Path, eval_recs: list[dict], device: str, max_length: int) -> float:
+    """Share of held-out pairs whose pos gets the larger implicit reward from the saved model."""
+    from rstar.models.ppm import ImplicitRewardModel
+
+    scorer = ImplicitRewardModel(out, device=device, max_length=max_length)
+    pos = scorer.log_ratios([r["prompt"] + r["pos"] for r in eval_recs])
+    neg = scorer.log_ratios([r["prompt"] + r["neg"] for r in eval_recs])
+    return sum(a > b for a, b in zip(pos, neg)) / len(eval_recs)
