@@ -254,3 +254,11 @@ def test_round_pairs_use_the_configured_pair_filters(run_dir, backends_seen):
     assert pairs(pair_min_margin=0, pair_min_edit_distance=0) == unfiltered
     assert pairs(pair_min_margin=0, pair_min_edit_distance=10_000) == []
     assert pairs(pair_min_margin=5, pair_min_edit_distance=0) == []  # Q margins are at most 2
+
+
+@pytest.mark.parametrize("reward_kind", ["ppm", "implicit"])
+def test_each_round_trains_the_reward_kind_configured(tmp_path, training_calls, reward_kind):
+    write_pairs(tmp_path, {1: 2})
+    evolve.train_round(quick(reward_kind=reward_kind), tmp_path, 1, "base-dir", "base-dir")
+    [(_, init, dest, kind)] = training_calls["ppm"]
+    assert (init, dest, kind) == ("policy_r1", "ppm_r1", reward_kind)

@@ -225,6 +225,11 @@ class EvolveConfig:
         "copies of the round's extracted trajectories in its SFT set (1 = the paper); more weighs the "
         "new solutions against a large seed set (sft_seed_records)",
     )
+    reward_kind: str = _f(
+        "ppm",
+        "each round's reward model: ppm (the paper's), or implicit (DPO on the same pairs, scored by "
+        "the log ratio to the round's policy; docs/EXPERIMENTS.md E10-E11)",
+    )
     ppm_pair_rounds: int = _f(
         1,
         "the PPM of round r trains on the preference pairs of this many rounds up to r (1 = the paper: "
@@ -316,6 +321,7 @@ def validate(cfg: Config) -> None:
         counts = getattr(e, name)
         _check(counts and min(counts) >= 0, f"evolve.{name}", counts, "one count >= 0, or one per level")
     _check(e.ppm_pair_rounds >= 0, "evolve.ppm_pair_rounds", e.ppm_pair_rounds, "0 (all rounds) or more")
+    _check(e.reward_kind in ("ppm", "implicit"), "evolve.reward_kind", e.reward_kind, "ppm or implicit")
     _check(e.pair_min_margin >= 0, "evolve.pair_min_margin", e.pair_min_margin, "0 or more")
     _check(
         e.pair_min_edit_distance >= 0, "evolve.pair_min_edit_distance", e.pair_min_edit_distance, "0 or more"

@@ -285,7 +285,9 @@ def train_round(cfg: Config, run: Path, r: int, base: str, previous: str) -> dic
         log(f"round {r}: no preference pairs (too few problems solved); no PPM is trained this round")
         out["ppm"] = {"skipped": "no preference pairs"}
         return out
-    ppm = train_reward(pairs, models / f"policy_r{r}", models / f"ppm_r{r}", cfg.ppm, kind="ppm")
+    ppm = train_reward(
+        pairs, models / f"policy_r{r}", models / f"ppm_r{r}", cfg.ppm, kind=cfg.evolve.reward_kind
+    )
     out["ppm"] = {k: ppm[k] for k in keep if k in ppm} | {
         "pairs": len(pairs),
         "heldout_pairs": ppm["eval_records"],
