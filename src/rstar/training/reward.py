@@ -355,7 +355,8 @@ def _implicit_trainer(
         [len(split_ids(tokenizer, r["prompt"] + r[k], 1 << 30)[0]) for k in ("pos", "neg")]
         for r in train_recs
     ]
-    kept = [r for r, n in zip(train_recs, lengths) if max(n) <= cfg.max_length]
+    fit = [(r, sum(n)) for r, n in zip(train_recs, lengths) if max(n) <= cfg.max_length]
+    kept = [r for r, _ in fit]
     if len(kept) < len(train_recs):
         log.warning(
             "%d of %d pairs are longer than %d tokens: left out",
@@ -374,8 +375,7 @@ def _implicit_trainer(
         train_dataset=ds,
         processing_class=tokenizer,
     )
-    n_tokens = sum(sum(n) for r, n in zip(train_recs, lengths) if max(n) <= cfg.max_length)
-    return trainer, tokenizer, kept, n_tokens
+    return trainer, tokenizer, kept, sum(n for _, n in fit)
 
 
 def _implicit_accuracy(out: Path, eval_recs: list[dict], device: str, max_length: int) -> float:
