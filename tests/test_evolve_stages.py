@@ -16,6 +16,7 @@ import pytest
 from rstar import evolve
 from rstar.config import load_config
 from rstar.data.problems import Problem
+from rstar.models.base import Completion
 from rstar.search.scheduler import Backends
 from rstar.search.treefile import iter_records
 from scripted import BranchingPolicy, TableReward, numbers
@@ -188,9 +189,8 @@ def test_each_round_fine_tunes_from_sft_init(tmp_path, training_calls, sft_init,
     assert training_calls["sft"] == [("sft.jsonl", want, "policy_r3")]
 
 
-def test_a_round_without_a_ppm_leaves_the_previous_one_in_use(tmp_path, monkeypatch):
-    """The loop: each round searches with the last PPM trained (none before round 2), and its
-    policy is the previous round's; a round that trains no PPM keeps the one before."""
+def run_loop(tmp_path, monkeypatch, **fields) -> list[tuple]:
+    """evolve.evolve with every stage recorded, not run: rounds 1 and 3 train no PPM."""
     calls = []
     run = tmp_path / "run"
 
@@ -208,8 +208,14 @@ def test_a_round_without_a_ppm_leaves_the_previous_one_in_use(tmp_path, monkeypa
     monkeypatch.setattr(evolve, "evaluate_round", stage("eval"))
     monkeypatch.setattr(evolve, "prepare_problems", lambda cfg, run_: {})
     monkeypatch.setattr("rstar.report.write_report", lambda *a, **k: {})
-    cfg = quick(base_policy=str(tmp_path / "base"), run_dir=str(run), compare_size="")
-    evolve.evolve(cfg)
+    evolve.evolve(quick(base_policy=str(tmp_path / "base"), run_dir=str(run), compare_size="", **fields))
+    return calls
+
+
+def test_a_round_without_a_ppm_leaves_the_previous_one_in_use(tmp_path, monkeypatch):
+    """The loop: each round searches with the last PPM trained (none before round 2), and its
+    policy is the previous round's; a round that trains no PPM keeps the one before."""
+    calls = run_loop(tmp_path, monkeypatch)
     gen = [c for c in calls if c[0] == "generate"]
     assert gen == [
         ("generate", 1, "base", ""),
@@ -262,3 +268,64 @@ def test_each_round_trains_the_reward_kind_configured(tmp_path, training_calls, 
     evolve.train_round(quick(reward_kind=reward_kind), tmp_path, 1, "base-dir", "base-dir")
     [(_, init, dest, kind)] = training_calls["ppm"]
     assert (init, dest, kind) == ("policy_r1", "ppm_r1", reward_kind)
+
+
+class GreedyKnowsSmall(OddFails):
+    """Greedy decoding (temperature 0) is right exactly when A < 20; sampling is OddFails."""
+
+    def generate(self, requests):
+        out = super().generate(requests)
+        for r, comps in zip(requests, out):
+            a, b, k, done = self.position(r.prompt)
+            if r.temperature == 0 and done is None and k < self.depth:
+                code = f"x = {a} + {b}" if a < 20 else f"x = {a} - {b}"
+                comps[:] = [Completion(text=self.step(k, code, "greedy"), stop_reason="stop", n_tokens=4)]
+        return out
+
+
+def test_frontier_searches_only_what_greedy_decoding_gets_wrong(run_dir, monkeypatch, sandbox, grader):
+    """evolve.frontier: a greedy pass over the round's problems first; the search takes the
+    rest; greedy solutions count for coverage and stay out of the SFT set."""
+    policy = GreedyKnowsSmall(depth=1, valid=1, wrong=1)
+
+    @contextlib.contextmanager
+    def fake(cfg, policy_=None, reward=None, need_grader=True):
+        yield Backends(policy=policy, sandbox=sandbox, grader=grader, reward=None)
+
+    import rstar.search.run  # noqa: F401
+
+    monkeypatch.setattr("rstar.search.jobs.open_backends", fake)
+    cfg = quick(frontier=True, sft_seed_records=0, unsolved_rollouts=[])
+    evolve.generate_round(cfg, run_dir, 2, "policy-r1", "")
+    small = {p.id for p in problems() if numbers(p.question)[0] < 20}  # 12 + 30, 13 + 30
+    greedy = list(iter_records(run_dir / "round2" / "greedy" / "trees.jsonl"))
+    assert sorted(r["key"] for r in greedy) == sorted(f"{p.id}#0" for p in problems())
+    assert {r["problem"]["id"] for r in greedy if r["correct"]} == small
+    assert keys(run_dir / "round2" / "trees.jsonl") == sorted(
+        f"{p.id}#0" for p in problems() if p.id not in small
+    )
+    out = evolve.extract_round(cfg, run_dir, 2)
+    even = {p.id for p in problems() if numbers(p.question)[0] % 2 == 0}
+    assert out["coverage"]["covered"] == len(small | even) == 4  # 13 + 30 by greedy decoding only
+    sft = [json.loads(x) for x in (run_dir / "round2" / "sft.jsonl").read_text().splitlines()]
+    questions = {p.question: p.id for p in problems()}
+    assert sft and {questions[q] for q in questions for rec in sft if q in json.dumps(rec)} == even - small
+    # without frontier every problem is searched and no greedy pass runs
+    (run_dir / "off" / "problems").mkdir(parents=True)
+    evolve.write_problems(run_dir / "off" / "problems" / "train.jsonl", problems())
+    evolve.generate_round(quick(), run_dir / "off", 2, "policy-r1", "")
+    assert not (run_dir / "off" / "round2" / "greedy").exists()
+    assert len(keys(run_dir / "off" / "round2" / "trees.jsonl")) == len(problems())
+
+
+def test_the_searches_of_the_test_evaluation_can_wait_for_the_last_round(tmp_path, monkeypatch):
+    """evolve.eval_search_each_round=false: rounds 1-3 are evaluated greedily only (no reward
+    model handed to the evaluation), the last round with the searches and its PPM."""
+    calls = run_loop(tmp_path, monkeypatch, eval_search_each_round=False)
+    assert [c for c in calls if c[0] == "eval"] == [
+        ("eval", 0, "base", ""),
+        ("eval", 1, "policy_r1", ""),
+        ("eval", 2, "policy_r2", ""),
+        ("eval", 3, "policy_r3", ""),
+        ("eval", 4, "policy_r4", "ppm_r4"),
+    ]

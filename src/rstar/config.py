@@ -225,6 +225,12 @@ class EvolveConfig:
         "copies of the round's extracted trajectories in its SFT set (1 = the paper); more weighs the "
         "new solutions against a large seed set (sft_seed_records)",
     )
+    frontier: bool = _f(
+        False,
+        "each round first decodes its training problems greedily with the round's policy, and its "
+        "search takes only those greedy decoding gets wrong: what the policy already solves teaches it "
+        "nothing (the greedy solutions count for coverage, not for the SFT set)",
+    )
     reward_kind: str = _f(
         "ppm",
         "each round's reward model: ppm (the paper's), or implicit (DPO on the same pairs, scored by "
@@ -246,6 +252,11 @@ class EvolveConfig:
     )
     eval_samples: int = _f(8, "test evaluation: N of best-of-N and MCTS rollouts (equal complete solutions)")
     eval_top_k: int = _f(4, "test evaluation: trajectories in the final top-K vote")
+    eval_search_each_round: bool = _f(
+        True,
+        "test evaluation: best-of-N + PPM and MCTS + PPM after every round (false: greedy after every "
+        "round, the searches after the last one only, which leaves time for a larger test set)",
+    )
     compare_size: str = _f(
         "",
         "also pre-train a policy of this size on the same seed set and report its greedy accuracy (the "

@@ -191,7 +191,7 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
     from rstar.data.problems import load_problems
     from rstar.search.jobs import open_backends
     from rstar.search.run import generate
-    from rstar.search.treefile import run_records
+    from rstar.search.treefile import iter_records, run_records
 
     rcfg = round_search(cfg, r)
     if rcfg.search.ppm_init and not ppm:
@@ -202,6 +202,22 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
     )
     problems = load_problems(run / "problems" / "train.jsonl")
     with open_backends(rcfg) as backends:
+        if cfg.evolve.frontier:
+            # Greedy decoding first: the search budget goes to the problems it gets wrong.
+            greedy = dataclasses.replace(rcfg.search, mode="greedy", trajectories=1)
+            generate(
+                problems,
+                dataclasses.replace(rcfg, search=greedy),
+                run / f"round{r}" / "greedy",
+                resume=True,
+                backends=backends,
+                description=f"round {r} greedy pass",
+            )
+            easy = solved_ids(iter_records(run / f"round{r}" / "greedy" / "trees.jsonl"))
+            problems = [p for p in problems if p.id not in easy]
+            log(
+                f"round {r}: greedy decoding solves {len(easy)} training problems; searching the other {len(problems)}"
+            )
         stats = generate(
             problems, rcfg, run / f"round{r}", resume=True, backends=backends, description=f"round {r} search"
         )
@@ -235,7 +251,7 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
 def extract_round(cfg: Config, run: Path, r: int) -> dict:
     from rstar.data.extract import coverage, coverage_by_steps, extract_ppm, extract_sft, solved_ids
     from rstar.data.problems import load_problems
-    from rstar.search.treefile import run_records
+    from rstar.search.treefile import iter_records, run_records
 
     recs = run_records(run / f"round{r}")
     # The round's own trajectories, `sft_repeat` times over: beside thousands of seed
@@ -254,9 +270,13 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
         with open(run / f"round{r}" / name, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    by_steps = coverage_by_steps(load_problems(run / "problems" / "train.jsonl"), solved_ids(recs))
+    # With evolve.frontier, the problems greedy decoding solved count as covered (the policy
+    # found a correct trajectory), but their trajectories stay out of the SFT set and pairs.
+    greedy = run / f"round{r}" / "greedy" / "trees.jsonl"
+    covered = recs + (list(iter_records(greedy)) if greedy.exists() else [])
+    by_steps = coverage_by_steps(load_problems(run / "problems" / "train.jsonl"), solved_ids(covered))
     return {
-        "coverage": coverage(recs),
+        "coverage": coverage(covered),
         "coverage_by_steps": by_steps,
         "sft_records": len(sft),
         "pairs": len(pairs),
@@ -359,7 +379,8 @@ def evolve(cfg: Config) -> dict:
         policy = str(run / "models" / f"policy_r{r}")
         if "skipped" not in trained["ppm"]:  # else the previous round's PPM stays in use
             ppm = str(run / "models" / f"ppm_r{r}")
-        state.run(f"round{r}/eval", evaluate_round, cfg, run, r, policy, ppm)
+        searched = e.eval_search_each_round or r == len(e.rounds)
+        state.run(f"round{r}/eval", evaluate_round, cfg, run, r, policy, ppm if searched else "")
     from rstar.report import write_report
 
     report = write_report(run, state.data, total_s=time.perf_counter() - t0)

@@ -184,7 +184,12 @@ def plot(data: dict, path: Path) -> None:
     for lv in levels:
         ys = [100 * (level_coverage(r, lv) or 0) for r in data["rounds"]]
         ax.plot(rounds, ys, marker="o", label=f"level {lv}")
-    ax.set(title="training-set coverage", xlabel="round", ylabel="% problems solved by search", xticks=rounds)
+    ax.set(
+        title="training-set coverage",
+        xlabel="round",
+        ylabel="% problems with a correct trajectory",
+        xticks=rounds,
+    )
     for i, lv in enumerate(levels, start=1):
         ax = axes[i]
         for run, label in ((GREEDY, "greedy"), (BON, "best-of-N + PPM"), (MCTS, "MCTS + PPM")):
