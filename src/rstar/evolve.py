@@ -21,7 +21,7 @@ skipped on the next run; `generate` stages resume inside the tree file (problem 
 so a killed run continues at the stage and problem where it stopped. Artifacts:
 
     RUN/problems/{train,test,seed_sft}.jsonl    RUN/models/{base,policy_rK,ppm_rK}/
-    RUN/roundK/{trees.jsonl, extra*/, sft.jsonl, pairs.jsonl, eval/}
+    RUN/roundK/{trees.jsonl, extra*/, greedy/ (evolve.frontier), sft.jsonl, pairs.jsonl, eval/}
     RUN/report.{md,json,png}, RUN/trees.html    RUN/state.json
 """
 
