@@ -359,6 +359,42 @@ def test_implicit_reward_learns_the_preference_and_scores_like_its_training(
     assert cut == ids[5:] and cut_first == first - 5
 
 
+def test_implicit_log_ratio_is_the_sum_over_the_response_tokens(toy_implicit: tuple[Path, dict]) -> None:
+    """log_ratios against a direct count: for each response token t (the ids from split_ids'
+    start on), log pi(t | before) - log pi_ref(t | before), one unpadded text at a time; texts
+    of different lengths batched together give the same sums, and the scored-token counter
+    counts every token of every text."""
+    from helpers.toy_ppm import toy_pairs
+    from rstar.models.ppm import ImplicitRewardModel
+
+    out, _ = toy_implicit
+    scorer = load_reward_model(out, max_batch_size=4)
+    assert isinstance(scorer, ImplicitRewardModel)
+    rows = toy_pairs(5, seed=3)
+    texts = [r["prompt"] + r["pos"] for r in rows] + [rows[0]["prompt"] + rows[1]["neg"] + " x = 1"]
+    want = []
+    with torch.inference_mode():
+        for text in texts:
+            ids, first = split_ids(scorer.tokenizer, text, scorer.max_length)
+            x = torch.tensor([ids])
+            lp = [m(input_ids=x).logits[0].float().log_softmax(-1) for m in (scorer.model, scorer.reference)]
+            want.append(
+                sum(
+                    float(lp[0][t - 1, ids[t]] - lp[1][t - 1, ids[t]]) for t in range(max(first, 1), len(ids))
+                )
+            )
+    assert (
+        len({len(split_ids(scorer.tokenizer, t, scorer.max_length)[0]) for t in texts}) > 1
+    )  # padding happens
+    before = scorer.tokens_scored
+    got = scorer.log_ratios(texts)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-3)
+    assert all(abs(w) > 1e-2 for w in want)  # the sums are not trivially zero
+    assert scorer.tokens_scored - before == sum(
+        len(split_ids(scorer.tokenizer, t, scorer.max_length)[0]) for t in texts
+    )
+
+
 def test_implicit_reward_needs_its_reference(toy_implicit: tuple[Path, dict], tmp_path: Path) -> None:
     import shutil
 
