@@ -105,8 +105,14 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.policy)
     policy = AutoModelForCausalLM.from_pretrained(args.policy).eval()
-    lp_sum = pairwise(held, lambda p, c: float(response_logprobs(policy, tok, p + c).sum()))
-    lp_mean = pairwise(held, lambda p, c: float(response_logprobs(policy, tok, p + c).mean()))
+    # each completion's log-probabilities once, read as a sum and as a per-token mean
+    logprobs = {
+        p + c: response_logprobs(policy, tok, p + c)
+        for r in held
+        for p, c in ((r["prompt"], r["pos"]), (r["prompt"], r["neg"]))
+    }
+    lp_sum = pairwise(held, lambda p, c: float(logprobs[p + c].sum()))
+    lp_mean = pairwise(held, lambda p, c: float(logprobs[p + c].mean()))
     print(f"logprob held_out_accuracy sum={lp_sum:.3f} per_token={lp_mean:.3f}", flush=True)
 
     out = Path(args.work) / "implicit"

@@ -186,6 +186,11 @@ def build_base(cfg: Config, run: Path, size: str, name: str) -> dict:
     return {k: metrics[k] for k in ("train_loss", "eval_loss", "steps", "train_seconds") if k in metrics}
 
 
+def greedy_pass_dir(run: Path, r: int) -> Path:
+    """Where round r's greedy pass (evolve.frontier) writes its tree file."""
+    return run / f"round{r}" / "greedy"
+
+
 def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dict:
     from rstar.data.extract import solved_ids
     from rstar.data.problems import load_problems
@@ -208,12 +213,12 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
             generate(
                 problems,
                 dataclasses.replace(rcfg, search=greedy),
-                run / f"round{r}" / "greedy",
+                greedy_pass_dir(run, r),
                 resume=True,
                 backends=backends,
                 description=f"round {r} greedy pass",
             )
-            easy = solved_ids(iter_records(run / f"round{r}" / "greedy" / "trees.jsonl"))
+            easy = solved_ids(iter_records(greedy_pass_dir(run, r) / "trees.jsonl"))
             problems = [p for p in problems if p.id not in easy]
             log(
                 f"round {r}: greedy decoding solves {len(easy)} training problems; searching the other {len(problems)}"
@@ -272,7 +277,7 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
                 f.write(json.dumps(row) + "\n")
     # With evolve.frontier, the problems greedy decoding solved count as covered (the policy
     # found a correct trajectory), but their trajectories stay out of the SFT set and pairs.
-    greedy = run / f"round{r}" / "greedy" / "trees.jsonl"
+    greedy = greedy_pass_dir(run, r) / "trees.jsonl"
     covered = recs + (list(iter_records(greedy)) if greedy.exists() else [])
     by_steps = coverage_by_steps(load_problems(run / "problems" / "train.jsonl"), solved_ids(covered))
     return {
