@@ -131,7 +131,9 @@ def worker(args) -> dict:
         cfg = dataclasses.replace(cfg, search=search)
     problems = problems_for(args.problems, "test" if mode else "train")
     policy = Recorder(load_policy(cfg.model))
-    reward = load_reward(cfg.model) if args.ppm else None
+    # the reward model's engine may differ from the policy's: old vs new PPM scoring, same search
+    rcfg = dataclasses.replace(cfg.model, engine=args.reward_engine or cfg.model.engine)
+    reward = load_reward(rcfg) if args.ppm else None
     with open_backends(cfg, policy=policy, reward=reward) as backends:
         backends.sandbox.run("print(1)")  # workers warm before the clock starts
         t0 = time.perf_counter()
@@ -155,6 +157,10 @@ def worker(args) -> dict:
         "batch_fullness": stats.call_searches / max(1, stats.call_inflight),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if reward is not None:
+        res["reward_s"] = reward.model_seconds
+        res["reward_texts"] = reward.texts_scored
+        res["reward_tokens"] = reward.tokens_scored  # tokens run through the reward model
     if inner.engine is not None:
         e = inner.engine
         res["prefix_encoded"] = e.prefix_tokens_encoded
@@ -173,10 +179,11 @@ def worker(args) -> dict:
 def launch(args, **kw) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--policy", args.policy]
     for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
         if v is True:
-            cmd.append(f"--{k}")
+            cmd.append(flag)
         elif v not in (None, False):
-            cmd += [f"--{k}", str(v)]
+            cmd += [flag, str(v)]
     cmd += ["--threads", str(args.threads)]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -248,6 +255,7 @@ def main() -> None:
     ap.add_argument("--rollouts", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--ppm", default="", help=argparse.SUPPRESS)
     ap.add_argument("--parallel", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--reward-engine", default="", help=argparse.SUPPRESS)
     ap.add_argument("--replay", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -295,6 +303,26 @@ def main() -> None:
                 )
                 inf[(mode, par)] = r
                 print(f"parallel_rollouts={par} " + report(r), flush=True)
+            # the same MCTS + PPM search with the reward model on its old path (one forward of
+            # each whole text): what the reward engine's prefix cache buys
+            old = launch(
+                args,
+                engine=engines[-1],
+                problems=args.inference_problems,
+                mode="mcts",
+                ppm=str(ppm),
+                parallel=1,
+                reward_engine="hf",
+            )
+            new = inf[("mcts", 1)]
+            print(
+                f"reward engine hf vs {engines[-1]}, MCTS + PPM: wall {old['wall_s']:.1f} / {new['wall_s']:.1f} s "
+                f"(x{old['wall_s'] / new['wall_s']:.2f}), reward model {old['reward_s']:.1f} / "
+                f"{new['reward_s']:.1f} s (x{old['reward_s'] / max(1e-9, new['reward_s']):.2f}), tokens encoded "
+                f"per scored text {old['reward_tokens'] / max(1, old['reward_texts']):.1f} / "
+                f"{new['reward_tokens'] / max(1, new['reward_texts']):.1f}, solved {old['solved']} / {new['solved']}",
+                flush=True,
+            )
             b = inf[("bon", 1)]["tokens"] / inf[("bon", 1)]["wall_s"]
             for (mode, par), r in inf.items():
                 if mode == "mcts":

@@ -146,7 +146,8 @@ def test_load_reward_through_model_config(toy_ppm: tuple[Path, dict, list[dict]]
     from rstar.models import load_reward
 
     out, _, _ = toy_ppm
-    rm = load_reward(ModelConfig(ppm=str(out), device="cpu", max_batch_size=4))
+    rm = load_reward(ModelConfig(ppm=str(out), device="cpu", max_batch_size=4, engine="hf"))
+    assert rm.engine is None
     batches: list[int] = []
     forward = rm.model.forward
     rm.model.forward = lambda input_ids, **kw: batches.append(len(input_ids)) or forward(input_ids, **kw)
@@ -159,6 +160,10 @@ def test_load_reward_through_model_config(toy_ppm: tuple[Path, dict, list[dict]]
     direct = load_reward_model(out, device="cpu").score([prompt, prompt], [good, bad])
     assert values[:2] == pytest.approx(direct, abs=1e-5)
     assert load_reward(ModelConfig(ppm="")) is None
+    # the config's engine setting reaches the reward model (the default, auto: the CPU engine)
+    fast = load_reward(ModelConfig(ppm=str(out), device="cpu", max_batch_size=4, prefix_cache_mb=3))
+    assert fast.engine is not None and fast.engine.cache.max_bytes == 3 << 20
+    assert fast.score([prompt, prompt], [good, bad]) == pytest.approx(direct, abs=1e-5)
 
 
 def test_a_step_longer_than_max_length_keeps_its_end(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
@@ -291,7 +296,81 @@ def test_load_reward_model_passes_its_settings_on(monkeypatch) -> None:
     seen = {}
     monkeypatch.setattr(ppm, "HFRewardModel", lambda path, **kw: seen.update(path=path, **kw) or "rm")
     assert ppm.load_reward_model("dir", device="cuda:1", dtype="float16", max_batch_size=7) == "rm"
-    assert seen == {"path": "dir", "device": "cuda:1", "dtype": "float16", "max_batch_size": 7}
+    assert seen == {
+        "path": "dir",
+        "device": "cuda:1",
+        "dtype": "float16",
+        "max_batch_size": 7,
+        "engine": "hf",
+        "prefix_cache_mb": 256,
+    }
+    seen.clear()
+    ppm.load_reward_model("dir", engine="auto", prefix_cache_mb=5)
+    assert (seen["engine"], seen["prefix_cache_mb"]) == ("auto", 5)
+
+
+def test_the_engine_scores_like_one_forward_a_text_and_encodes_only_what_is_new(
+    toy_ppm: tuple[Path, dict, list[dict]],
+) -> None:
+    """With `engine="fast"` a text that extends one scored before (a child node's text starts
+    with its parent's) is encoded from where the cached one ends, and every value is the one
+    the reference path (one forward of the whole text) gives."""
+    out, _, recs = toy_ppm
+    ref = HFRewardModel(out, device="cpu")
+    rm = HFRewardModel(out, device="cpu", engine="fast", max_batch_size=3)
+    parents = [r["prompt"] + r["pos"] for r in recs[:4]]
+    kids = [
+        "\n\n# Step 3: good\nz = 1\n<end_of_step>",
+        "\n\n# Step 3: bad\nz = 2\n<end_of_step>",
+        "\n\n# Step 3: a much longer step than the others, good or bad\nz = 3\n<end_of_step>",
+    ]
+    first = rm.score_texts(parents)
+    assert first == pytest.approx(ref.score_texts(parents), abs=1e-5)
+    assert rm.tokens_scored == ref.tokens_scored  # nothing cached yet: every token encoded
+    assert len(set(round(v, 4) for v in first)) > 1
+
+    children = [p + k for p in parents for k in kids]
+    encoded, tokens_before = rm.engine.prefix_tokens_encoded, ref.tokens_scored
+    values = rm.score_texts(children)
+    assert values == pytest.approx(ref.score_texts(children), abs=1e-5)
+    new_tokens = rm.engine.prefix_tokens_encoded - encoded
+    steps_only = sum(
+        len(encode(rm.tokenizer, c, rm.max_length)) - len(encode(rm.tokenizer, p, rm.max_length))
+        for p in parents
+        for c in [p + k for k in kids]
+    )
+    assert rm.tokens_scored == rm.engine.prefix_tokens_encoded  # the counter says what ran
+    # at most the steps' tokens (and one boundary token each) ran through the model: fewer
+    # where a sibling scored in an earlier batch shares the step's first tokens too
+    assert 0 < new_tokens <= steps_only + len(children)
+    assert new_tokens < (ref.tokens_scored - tokens_before) / 4
+    assert rm.texts_scored == len(parents) + len(children) and rm.calls == 2
+    # a text scored before: only its last token runs again (the head needs its hidden state)
+    encoded = rm.engine.prefix_tokens_encoded
+    assert rm.score_texts(children) == pytest.approx(values, abs=1e-6)
+    assert rm.engine.prefix_tokens_encoded - encoded == len(children)
+    # a text cut from the left (longer than max_length) shares no cached prefix: still exact
+    short = HFRewardModel(out, device="cpu", engine="fast", max_length=24)
+    long = [parents[0] + kids[0], parents[1] + kids[2]]
+    assert short.score_texts(long) == pytest.approx(
+        HFRewardModel(out, device="cpu", max_length=24).score_texts(long), abs=1e-5
+    )
+    assert rm.score_texts([]) == []
+
+
+def test_reward_engine_settings_are_checked(toy_ppm: tuple[Path, dict, list[dict]], tiny_dir: Path) -> None:
+    with pytest.raises(ValueError, match="engine must be 'auto', 'hf' or 'fast', got 'gpu'"):
+        HFRewardModel(toy_ppm[0], device="cpu", engine="gpu")
+    assert HFRewardModel(toy_ppm[0], device="cpu", engine="hf").engine is None
+    assert HFRewardModel(toy_ppm[0], device="cpu", engine="auto").engine is not None
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(toy_ppm[0])
+    tok = AutoTokenizer.from_pretrained(toy_ppm[0])
+    model.config.use_sliding_window = True  # attention the engine does not implement
+    with pytest.raises(ValueError, match="engine='fast' cannot run this reward model: sliding-window"):
+        HFRewardModel(model, tokenizer=tok, device="cpu", engine="fast")
+    assert HFRewardModel(model, tokenizer=tok, device="cpu", engine="auto").engine is None  # falls back
 
 
 def test_score_texts_moves_the_batch_and_its_mask_to_the_device_and_times_the_model(

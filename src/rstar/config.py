@@ -111,12 +111,14 @@ class ModelConfig:
     )
     engine: str = _f(
         "auto",
-        "hf backend's generation: auto (the CPU decode engine of rstar.models.engine for Qwen2 on CPU: "
-        "shared prompt KV, continuous batching, prefix cache; else HF generate) | hf (always HF generate) | fast",
+        "hf backend's generation and value-head scoring: auto (the CPU decode engine of rstar.models.engine "
+        "for Qwen2 on CPU: shared prompt KV, continuous batching, prefix cache; else HF generate / one "
+        "forward per text) | hf (always HF) | fast (the engine, or an error)",
     )
     prefix_cache_mb: int = _f(
         256,
-        "the decode engine's prefix cache (KV of encoded prompts, reused by their children) in MiB; 0 = off",
+        "the decode engine's prefix cache (KV of encoded prompts and scored texts, reused by their "
+        "children) in MiB, one for the policy and one for the reward model; 0 = off",
     )
 
 

@@ -67,4 +67,11 @@ def load_reward(cfg: ModelConfig) -> RewardModel | None:
     set_cpu_threads(cfg)
     from rstar.models.ppm import load_reward_model
 
-    return load_reward_model(cfg.ppm, device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size)
+    return load_reward_model(
+        cfg.ppm,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_batch_size=cfg.max_batch_size,
+        engine=cfg.engine,
+        prefix_cache_mb=cfg.prefix_cache_mb,
+    )

@@ -471,14 +471,16 @@ class DecodeEngine:
         return out.last_hidden_state
 
     def _prefill(
-        self, items: list[_Item]
+        self, seqs: list[list[int]]
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-        """Encode the prompts of `items` (reusing cached prefixes): (last-token logits (U, V),
-        per item per-layer k and v of the whole prompt, each (Hkv, L, D))."""
-        U = len(items)
-        hits = [self.cache.lookup(it.ids, len(it.ids) - 1) for it in items]
+        """Encode the token sequences `seqs` (reusing cached prefixes): (last-token hidden
+        states (U, h), per sequence per-layer k and v of the whole sequence, each (Hkv, L, D)).
+        The caller applies its head: the LM head for generation, a value head for scoring."""
+        U = len(seqs)
+        # at most len - 1 from the cache: the last token's hidden state has to be computed
+        hits = [self.cache.lookup(ids, len(ids) - 1) for ids in seqs]
         past = [n for _, n in hits]
-        new = [it.ids[n:] for it, n in zip(items, past)]
+        new = [ids[n:] for ids, n in zip(seqs, past)]
         C, T = max(past), max(len(x) for x in new)
         Hkv, D, dt = self.n_kv, self.head_dim, self.dtype
         past_k = [torch.zeros(U, Hkv, C, D, dtype=dt) for _ in range(self.n_layers)]
@@ -500,7 +502,6 @@ class DecodeEngine:
         st = _Prefill(past_k, past_v, mask)
         hidden = self._forward(ids, pos, st)  # (U, T, h)
         last = hidden[torch.arange(U), nlen - 1]  # (U, h)
-        logits = self.model.lm_head(last)
         ks, vs = [], []
         for u, (x, n) in enumerate(zip(new, past)):
             L = len(x)
@@ -513,7 +514,7 @@ class DecodeEngine:
         self.prefix_tokens_encoded += int(nlen.sum())
         self.prefix_tokens_reused += sum(past)
         self.prefills += 1
-        return logits, ks, vs
+        return last, ks, vs
 
     # --- generation --------------------------------------------------------------------------
 
@@ -527,6 +528,38 @@ class DecodeEngine:
             out = self._generate(requests, prompt_ids, max_new)
         self.model_seconds += time.perf_counter() - t0
         return out
+
+    def encode_last(self, seqs: list[list[int]], batch_size: int = 64) -> torch.Tensor:
+        """Last-token hidden states (U, h) of each token sequence, through the prefix cache.
+
+        For a reward model's value head (`rstar.models.ppm.HFRewardModel`): a search scores a
+        node's text, later its children's, whose texts start with it. Each sequence's KV is
+        cached, so a child's text is encoded from where its parent's ended: a step's tokens
+        instead of the whole prompt and every earlier step. Sequences are encoded longest
+        first in batches of `batch_size` (or fewer, to keep `prefill_tokens` new tokens).
+        """
+        if any(not ids for ids in seqs):
+            raise ValueError("encode_last: an empty token sequence has no last token")
+        t0 = time.perf_counter()
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+        with torch.inference_mode():
+            while order:
+                rows = [order.pop(0)]
+                tokens = len(seqs[rows[0]])
+                while (
+                    order and len(rows) < batch_size and tokens + len(seqs[order[0]]) <= self.prefill_tokens
+                ):
+                    tokens += len(seqs[order[0]])
+                    rows.append(order.pop(0))
+                last, ks, vs = self._prefill([seqs[i] for i in rows])
+                for u, i in enumerate(rows):
+                    out[i] = last[u]
+                    if self.cache.max_bytes > 0:
+                        self.cache.insert(seqs[i], ks[u], vs[u])
+        self.model_seconds += time.perf_counter() - t0
+        self.sequences += len(seqs)
+        return torch.stack(out) if out else torch.zeros(0)  # type: ignore[arg-type]
 
     def _generate(
         self, requests: list[GenRequest], prompt_ids: list[list[int]], max_new: list[int]
@@ -641,7 +674,8 @@ class DecodeEngine:
                 batch.ensure(used_groups, max(len(it.ids) for _, it in admitted))
                 if slen.shape[0] < batch.G * width:
                     slen = torch.cat([slen, torch.zeros(batch.G * width - slen.shape[0], dtype=torch.long)])
-                logits, ks, vs = self._prefill([it for _, it in admitted])
+                last, ks, vs = self._prefill([it.ids for _, it in admitted])
+                logits = self.model.lm_head(last)
                 first_slots, first_logits, temps, tops, keys, steps = [], [], [], [], [], []
                 for u, (g, it) in enumerate(admitted):
                     plen = len(it.ids)

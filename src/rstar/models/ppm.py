@@ -193,9 +193,17 @@ class HFRewardModel(_Scorer):
         dtype: "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16" or "float16".
         max_batch_size: most sequences per forward pass.
         max_length: token limit of a scored text (default: the limit it was trained with).
+        engine: "hf" (one forward of the whole text per score, the reference), "auto" (the
+            policy's CPU engine, `rstar.models.engine`, where it supports the model) or "fast"
+            (the engine, or an error). The engine keeps each scored text's KV in a prefix
+            cache: a search scores a node, then its children, whose texts start with the
+            node's, so a child costs its step's tokens rather than the whole prompt and every
+            earlier step. Values agree with "hf" to float rounding (a test).
+        prefix_cache_mb: the engine's prefix cache bound.
 
     `score` sorts texts by length so that a batch carries little padding, and returns the
-    values in input order. Counters: `calls`, `texts_scored`, `tokens_scored`, `model_seconds`.
+    values in input order. Counters: `calls`, `texts_scored`, `tokens_scored` (tokens run
+    through the model: with the engine, only those not found in the cache), `model_seconds`.
     """
 
     def __init__(
@@ -207,6 +215,8 @@ class HFRewardModel(_Scorer):
         dtype: str = "auto",
         max_batch_size: int = 64,
         max_length: int | None = None,
+        engine: str = "hf",
+        prefix_cache_mb: int = 256,
     ) -> None:
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -239,6 +249,17 @@ class HFRewardModel(_Scorer):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id: int = self.tokenizer.pad_token_id
         self.model.config.pad_token_id = self.pad_id
+        self.engine = None
+        if engine not in ("auto", "hf", "fast"):
+            raise ValueError(f"engine must be 'auto', 'hf' or 'fast', got {engine!r}")
+        if engine != "hf":
+            from rstar.models.engine import DecodeEngine, supports
+
+            why = supports(self.model, self.device)
+            if why is None:
+                self.engine = DecodeEngine(self.model, self.tokenizer, [], prefix_cache_mb=prefix_cache_mb)
+            elif engine == "fast":
+                raise ValueError(f"engine='fast' cannot run this reward model: {why}")
         self._start_counters()
 
     def score_texts(self, texts: list[str]) -> list[float]:
@@ -247,6 +268,18 @@ class HFRewardModel(_Scorer):
         if not texts:
             return []
         ids = [encode(self.tokenizer, t, self.max_length) for t in texts]
+        if self.engine is not None and all(ids):
+            e = self.engine
+            before, t0 = e.prefix_tokens_encoded, time.perf_counter()
+            with torch.inference_mode():
+                hidden = e.encode_last(ids, batch_size=self.max_batch_size)  # (U, h)
+                # the head of `AutoModelForSequenceClassification` (Qwen2's `score`), read at
+                # the last token as its own forward does
+                values = values_from_logits(self.model.score(hidden)).tolist()
+            self.model_seconds += time.perf_counter() - t0
+            self.tokens_scored += e.prefix_tokens_encoded - before
+            self.texts_scored += len(texts)
+            return values
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         out = [0.0] * len(ids)
         t0 = time.perf_counter()
@@ -384,9 +417,15 @@ class ImplicitRewardModel(_Scorer):
 
 
 def load_reward_model(
-    path: str | Path, device: str = "auto", dtype: str = "auto", max_batch_size: int = 64
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_batch_size: int = 64,
+    engine: str = "hf",
+    prefix_cache_mb: int = 256,
 ) -> HFRewardModel | ImplicitRewardModel:
-    """Load a PPM, ORM, PQM or implicit reward directory (what `rstar.models.load_reward` calls)."""
+    """Load a PPM, ORM, PQM or implicit reward directory (what `rstar.models.load_reward` calls;
+    `engine` and `prefix_cache_mb` as in `HFRewardModel`, value heads only)."""
     from transformers import AutoConfig
 
     if (Path(path) / "config.json").exists():
@@ -395,4 +434,11 @@ def load_reward_model(
             return ImplicitRewardModel(
                 path, device=device, dtype=dtype, max_batch_size=min(max_batch_size, 16)
             )
-    return HFRewardModel(path, device=device, dtype=dtype, max_batch_size=max_batch_size)
+    return HFRewardModel(
+        path,
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        engine=engine,
+        prefix_cache_mb=prefix_cache_mb,
+    )
