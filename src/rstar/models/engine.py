@@ -78,6 +78,24 @@ def supports(model: Any, device: torch.device) -> str | None:
     return None
 
 
+def select_engine(
+    engine: str, model: Any, tokenizer: Any, device: torch.device, what: str, **kwargs: Any
+) -> DecodeEngine | None:
+    """The `model.engine` setting applied to a loaded model: a `DecodeEngine` for "auto" where
+    `supports` accepts the model and for "fast" (else an error naming `what`), None for "hf"
+    and for "auto" where it does not. `kwargs` go to `DecodeEngine`."""
+    if engine not in ("auto", "hf", "fast"):
+        raise ValueError(f"engine must be 'auto', 'hf' or 'fast', got {engine!r}")
+    if engine == "hf":
+        return None
+    why = supports(model, device)
+    if why is None:
+        return DecodeEngine(model, tokenizer, **kwargs)
+    if engine == "fast":
+        raise ValueError(f"engine='fast' cannot run this {what}: {why}")
+    return None
+
+
 # --- random numbers ------------------------------------------------------------------------
 
 

@@ -210,23 +210,18 @@ class HFPolicy:
         )
         self._stop_ids: dict[tuple[str, ...], list[int] | None] = {}
         self._stop_criteria: dict[tuple[str, ...], _GeneratedStopCriteria] = {}
-        self.engine = None
-        if engine not in ("auto", "hf", "fast"):
-            raise ValueError(f"engine must be 'auto', 'hf' or 'fast', got {engine!r}")
-        if engine != "hf":
-            from rstar.models.engine import DecodeEngine, supports
+        from rstar.models.engine import select_engine
 
-            why = supports(self.model, self.device)
-            if why is None:
-                self.engine = DecodeEngine(
-                    self.model,
-                    tok,
-                    self.eos_ids,
-                    max_rows=max(max_batch_size, 256),
-                    prefix_cache_mb=prefix_cache_mb,
-                )
-            elif engine == "fast":
-                raise ValueError(f"engine='fast' cannot run this model: {why}")
+        self.engine = select_engine(
+            engine,
+            self.model,
+            tok,
+            self.device,
+            "model",
+            eos_ids=self.eos_ids,
+            max_rows=max(max_batch_size, 256),
+            prefix_cache_mb=prefix_cache_mb,
+        )
         self.reset_counters()
 
     def reset_counters(self) -> None:

@@ -249,17 +249,17 @@ class HFRewardModel(_Scorer):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id: int = self.tokenizer.pad_token_id
         self.model.config.pad_token_id = self.pad_id
-        self.engine = None
-        if engine not in ("auto", "hf", "fast"):
-            raise ValueError(f"engine must be 'auto', 'hf' or 'fast', got {engine!r}")
-        if engine != "hf":
-            from rstar.models.engine import DecodeEngine, supports
+        from rstar.models.engine import select_engine
 
-            why = supports(self.model, self.device)
-            if why is None:
-                self.engine = DecodeEngine(self.model, self.tokenizer, [], prefix_cache_mb=prefix_cache_mb)
-            elif engine == "fast":
-                raise ValueError(f"engine='fast' cannot run this reward model: {why}")
+        self.engine = select_engine(
+            engine,
+            self.model,
+            self.tokenizer,
+            self.device,
+            "reward model",
+            eos_ids=[],
+            prefix_cache_mb=prefix_cache_mb,
+        )
         self._start_counters()
 
     def score_texts(self, texts: list[str]) -> list[float]:
