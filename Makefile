@@ -40,9 +40,9 @@ upgrade: lock
 demo: install
 	$(BIN)/rstar evolve
 
-# Five times the default's search, 50 test problems per level and the training recipe of
-# docs/EXPERIMENTS.md E5-E8 (three seeds: 30, 57 and 49 minutes beside one to four other jobs,
-# pre-training 205, 322 and 516 s). SEED picks the world and the searches: three seeds, then
+# The default's recipe with every round searching 1,500 level 3-4 training problems instead of
+# 90 (docs/EXPERIMENTS.md E13-E14; README: what it shows, and its time). SEED picks the world
+# and the searches: three seeds, then
 # `rstar report runs/embedded-full-s0 runs/embedded-full-s1 runs/embedded-full-s2`.
 SEED ?= 0
 demo-full: install
