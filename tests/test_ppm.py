@@ -358,7 +358,7 @@ def test_the_engine_scores_like_one_forward_a_text_and_encodes_only_what_is_new(
     assert rm.score_texts([]) == []
 
 
-def test_reward_engine_settings_are_checked(toy_ppm: tuple[Path, dict, list[dict]], tiny_dir: Path) -> None:
+def test_reward_engine_settings_are_checked(toy_ppm: tuple[Path, dict, list[dict]]) -> None:
     with pytest.raises(ValueError, match="engine must be 'auto', 'hf' or 'fast', got 'gpu'"):
         HFRewardModel(toy_ppm[0], device="cpu", engine="gpu")
     assert HFRewardModel(toy_ppm[0], device="cpu", engine="hf").engine is None
