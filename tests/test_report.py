@@ -50,6 +50,29 @@ def test_accuracies_carry_counts_and_plots_fix_the_axis(tmp_path, monkeypatch):
     real_close(fig)
 
 
+def test_a_level_no_round_searched_gets_no_coverage_line(tmp_path, monkeypatch):
+    # embedded-full searches levels 3-4 only: levels 1-2 have test accuracy but no coverage
+    cover = {"coverage": 0.2, "by_level": {"3": {"coverage": 0.4}, "4": {"coverage": 0.0}}}
+    state = {
+        "stages": {
+            "round1/extract": {"seconds": 1.0, "result": {"coverage": cover}},
+            "round1/eval": {"seconds": 1.0, "result": _eval({"1": (5, 5), "3": (2, 5), "4": (0, 5)})},
+        }
+    }
+    data = collect(state)
+    assert "| 1 | - | 40.0 | 0.0 | 20.0 |" in markdown(data, 1.0)
+    import matplotlib.pyplot as plt
+
+    figs = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", figs.append)
+    plot(data, tmp_path / "report.png")
+    (fig,) = figs
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in fig.axes[0].get_lines()}
+    assert lines == {"level 3": [40.0], "level 4": [0.0]}  # a searched level at 0% is drawn
+    real_close(fig)
+
+
 def test_several_runs_combine_into_median_and_range(tmp_path):
     from rstar.cli import main
 

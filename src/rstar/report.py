@@ -181,9 +181,13 @@ def plot(data: dict, path: Path) -> None:
     )
     axes = axes[0]
     ax = axes[0]
-    for lv in levels:
-        ys = [100 * (level_coverage(r, lv) or 0) for r in data["rounds"]]
-        ax.plot(rounds, ys, marker="o", label=f"level {lv}")
+    for j, lv in enumerate(levels):
+        # A level no round searched (embedded-full's levels 1-2) has no coverage: no line,
+        # rather than one drawn at 0% as if the search had failed there.
+        pts = [(r["round"], level_coverage(r, lv)) for r in data["rounds"]]
+        pts = [(x, 100 * y) for x, y in pts if y is not None]
+        if pts:  # color by level, so a level keeps its color whichever levels are drawn
+            ax.plot(*zip(*pts), marker="o", color=f"C{j}", label=f"level {lv}")
     ax.set(
         title="training-set coverage",
         xlabel="round",
