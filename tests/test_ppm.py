@@ -402,6 +402,22 @@ def test_score_texts_moves_the_batch_and_its_mask_to_the_device_and_times_the_mo
     assert rm.model_seconds == 20.0
 
 
+def test_the_engine_path_adds_up_the_model_time(toy_ppm, monkeypatch) -> None:
+    """Through the engine too, `model_seconds` is a running total: one perf_counter pair per
+    call, added to what earlier calls spent."""
+    from types import SimpleNamespace
+
+    import rstar.models.ppm as ppm
+
+    rm = HFRewardModel(toy_ppm[0], device="cpu", engine="fast")
+    clock = iter(range(100))
+    monkeypatch.setattr(ppm, "time", SimpleNamespace(perf_counter=lambda: 10.0 * next(clock)))
+    rm.score_texts(["a b c", "a"])
+    assert rm.model_seconds == 10.0
+    rm.score_texts(["a b c d"])
+    assert rm.model_seconds == 20.0
+
+
 # --- the implicit reward (a DPO-trained policy scored against its reference) -----------------
 
 
