@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+
+import pytest
 
 from rstar.report import collect, markdown, plot
 
@@ -17,7 +20,26 @@ def _eval(acc_by_level: dict[str, tuple[int, int]]) -> dict:
     }
 
 
-def test_accuracies_carry_counts_and_plots_fix_the_axis(tmp_path, monkeypatch):
+@pytest.fixture
+def plotted(tmp_path, monkeypatch) -> Iterator[Callable]:
+    """plotted(data): `plot` writes tmp_path/report.png and the figure comes back to be
+    inspected (plt.close is held back until the test ends)."""
+    import matplotlib.pyplot as plt
+
+    figs = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", figs.append)
+
+    def run(data: dict):
+        plot(data, tmp_path / "report.png")
+        return figs[-1]
+
+    yield run
+    for fig in figs:
+        real_close(fig)
+
+
+def test_accuracies_carry_counts_and_plots_fix_the_axis(tmp_path, plotted):
     state = {
         "stages": {
             "eval_base": {"seconds": 1.0, "result": _eval({"1": (14, 15), "4": (0, 15)})},
@@ -37,20 +59,13 @@ def test_accuracies_carry_counts_and_plots_fix_the_axis(tmp_path, monkeypatch):
     md = markdown(data, 3.0)
     assert "| base (seed only) | greedy | 93.3 (14/15) | 0.0 (0/15) | 46.7 (14/30) |" in md
     assert "| round 1 | greedy | 100.0 (15/15) | 20.0 (3/15) | 60.0 (18/30) |" in md
-    import matplotlib.pyplot as plt
-
-    figs = []
-    real_close = plt.close
-    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to inspect it
-    plot(data, tmp_path / "report.png")
-    (fig,) = figs
+    fig = plotted(data)
     # coverage, level 1, level 4: each on 0-100%, a level at 0% included
     assert len(fig.axes) == 3 and all(ax.get_ylim() == (-2.0, 102.0) for ax in fig.axes)
     assert (tmp_path / "report.png").stat().st_size > 10_000
-    real_close(fig)
 
 
-def test_a_level_no_round_searched_gets_no_coverage_line(tmp_path, monkeypatch):
+def test_a_level_no_round_searched_gets_no_coverage_line(plotted):
     # embedded-full searches levels 3-4 only: levels 1-2 have test accuracy but no coverage
     cover = {"coverage": 0.2, "by_level": {"3": {"coverage": 0.4}, "4": {"coverage": 0.0}}}
     state = {
@@ -61,16 +76,8 @@ def test_a_level_no_round_searched_gets_no_coverage_line(tmp_path, monkeypatch):
     }
     data = collect(state)
     assert "| 1 | - | 40.0 | 0.0 | 20.0 |" in markdown(data, 1.0)
-    import matplotlib.pyplot as plt
-
-    figs = []
-    real_close = plt.close
-    monkeypatch.setattr(plt, "close", figs.append)
-    plot(data, tmp_path / "report.png")
-    (fig,) = figs
-    lines = {ln.get_label(): list(ln.get_ydata()) for ln in fig.axes[0].get_lines()}
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in plotted(data).axes[0].get_lines()}
     assert lines == {"level 3": [40.0], "level 4": [0.0]}  # a searched level at 0% is drawn
-    real_close(fig)
 
 
 def test_several_runs_combine_into_median_and_range(tmp_path):
