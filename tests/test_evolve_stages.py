@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from rstar import evolve
-from rstar.config import load_config
+from rstar.config import ConfigError, load_config
 from rstar.data.problems import Problem
 from rstar.models.base import Completion
 from rstar.search.scheduler import Backends
@@ -95,7 +96,7 @@ def test_round4_searches_unsolved_problems_again_in_extra_passes(run_dir, backen
     assert sorted(r["key"] for r in recs) == sorted(f"{p.id}#0" for p in problems())
     assert {r["problem"]["id"] for r in recs if r["correct"]} == set(even)
     # each pass: the problems still unsolved, unsolved_seeds trees each, its own rollouts and seed
-    base_seed = evolve.round_search(cfg, 4).search.seed
+    base_seed = evolve.round_config(cfg, 4).search.seed
     for i, rollouts in enumerate([3, 2], start=1):
         extra = list(iter_records(run_dir / "round4" / f"extra{i}" / "trees.jsonl"))
         assert sorted(r["key"] for r in extra) == sorted(f"{pid}#{k}" for pid in odd for k in (0, 1))
@@ -119,7 +120,7 @@ def test_no_extra_pass_once_everything_is_solved(run_dir, backends_seen):
 
 def test_a_ppm_round_without_a_ppm_searches_terminal_guided(run_dir, backends_seen):
     cfg = quick()
-    assert evolve.round_search(cfg, 3).search.ppm_init  # round 3's preset initialises q by the PPM
+    assert evolve.round_config(cfg, 3).search.ppm_init  # round 3's preset initialises q by the PPM
     evolve.generate_round(cfg, run_dir, 3, "policy-r2", "")
     [used] = backends_seen
     assert not used.search.ppm_init and used.model.ppm == "" and used.model.policy == "policy-r2"
@@ -138,14 +139,16 @@ def test_a_ppm_round_without_a_ppm_searches_terminal_guided(run_dir, backends_se
 
 @pytest.fixture
 def training_calls(monkeypatch):
-    calls: dict[str, list] = {"sft": [], "ppm": []}
+    calls: dict[str, list] = {"sft": [], "ppm": [], "configs": []}
 
     def sft(data, init, out, cfg, **kw):
         calls["sft"].append((Path(data).name, str(init), Path(out).name))
+        calls["configs"].append(("sft", cfg))
         return {"train_loss": 1.0, "steps": 1}
 
     def reward(pairs, init, out, cfg, kind="ppm", **kw):
         calls["ppm"].append(([p["prompt"] for p in pairs], Path(init).name, Path(out).name, kind))
+        calls["configs"].append(("ppm", cfg))
         return {"heldout_accuracy": 1.0, "eval_records": 1, "steps": 1}
 
     monkeypatch.setattr("rstar.training.sft.train_sft", sft)
@@ -187,6 +190,39 @@ def test_each_round_fine_tunes_from_sft_init(tmp_path, training_calls, sft_init,
     write_pairs(tmp_path, {1: 1, 2: 1, 3: 1})
     evolve.train_round(quick(sft_init=sft_init), tmp_path, 3, "base-dir", "models/policy_r2")
     assert training_calls["sft"] == [("sft.jsonl", want, "policy_r3")]
+
+
+def test_a_rounds_sft_and_ppm_entries_override_its_training_only(tmp_path, training_calls):
+    write_pairs(tmp_path, {1: 1, 2: 1, 3: 1, 4: 1})
+    cfg = quick()
+    rounds = [
+        *cfg.evolve.rounds[:3],
+        {**cfg.evolve.rounds[3], "sft": {"epochs": 7}, "ppm": {"eval_fraction": 0.3}},
+    ]
+    cfg = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, rounds=rounds))
+    assert cfg.sft.epochs != 7 and cfg.ppm.eval_fraction != 0.3
+    evolve.train_round(cfg, tmp_path, 3, "base-dir", "models/policy_r2")
+    evolve.train_round(cfg, tmp_path, 4, "base-dir", "models/policy_r3")
+    (_, sft3), (_, ppm3), (_, sft4), (_, ppm4) = training_calls["configs"]
+    assert (sft3, ppm3) == (cfg.sft, cfg.ppm)
+    # round 4's own fields change; the rest of each section is the run's
+    assert sft4 == dataclasses.replace(cfg.sft, epochs=7.0)
+    assert ppm4 == dataclasses.replace(cfg.ppm, eval_fraction=0.3)
+    assert evolve.round_config(cfg, 4).search == evolve.round_config(quick(), 4).search
+
+
+@pytest.mark.parametrize(
+    "entry, names",
+    [({"sft": {"epoch": 2}}, "evolve.rounds[1].sft.epoch"), ({"ppm": 2}, "evolve.rounds[1].ppm")],
+)
+def test_a_bad_round_entry_fails_before_the_run_starts(tmp_path, entry, names):
+    cfg = quick()
+    rounds = [cfg.evolve.rounds[0], {**cfg.evolve.rounds[1], **entry}, *cfg.evolve.rounds[2:]]
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, rounds=rounds, run_dir=str(run)))
+    with pytest.raises(ConfigError, match=re.escape(names)):
+        evolve.evolve(cfg)
+    assert not run.exists()  # nothing was written
 
 
 def run_loop(tmp_path, monkeypatch, **fields) -> list[tuple]:

@@ -206,7 +206,8 @@ class EvolveConfig:
     rounds: list[dict] = _f(
         _paper_rounds(),
         "per round: a `preset` whose search section defines the round (round1..round4), then search "
-        "fields that override it, e.g. {preset: round1, rollouts: 16}",
+        "fields that override it, e.g. {preset: round1, rollouts: 16}; `sft` and `ppm` mappings set "
+        "that round's training fields, e.g. {preset: round4, sft: {epochs: 2}}",
     )
     unsolved_rollouts: list[int] = _f(
         [64, 128], "last round: problems still unsolved are searched again with these rollouts, one pass each"

@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from rstar import RstarError
-from rstar.config import Config, add_config_arguments, config_from_args, from_dict, preset_dict
+from rstar.config import (
+    Config,
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+    from_dict,
+    preset_dict,
+)
 from rstar.lock import writes_to
 
 
@@ -135,14 +142,26 @@ class RunState:
 # --- stages ---------------------------------------------------------------------------------
 
 
-def round_search(cfg: Config, r: int) -> Config:
-    """The config of round r's search: the round's preset search section, then its overrides."""
+def round_config(cfg: Config, r: int) -> Config:
+    """The config of round r: the round's preset search section, then its search overrides;
+    an `sft` or `ppm` mapping in the round's entry overrides that training section for this
+    round only (e.g. {preset: round4, sft: {epochs: 2}})."""
     spec = dict(cfg.evolve.rounds[r - 1])
+    where = f"evolve.rounds[{r - 1}]."
+    train = {}
+    for section in ("sft", "ppm"):
+        if section in spec:
+            fields = spec.pop(section)
+            if not isinstance(fields, dict):
+                raise ConfigError(f"{where}{section}: expected a mapping of training fields, got {fields!r}")
+            train[section] = from_dict(
+                type(getattr(cfg, section)), fields, f"{where}{section}.", getattr(cfg, section)
+            )
     preset = spec.pop("preset", None)
     fields = dict(preset_dict(preset).get("search", {})) if preset else {}
     fields.update(spec)
-    search = from_dict(type(cfg.search), fields, where=f"evolve.rounds[{r - 1}].", base=cfg.search)
-    return dataclasses.replace(cfg, search=search)
+    search = from_dict(type(cfg.search), fields, where=where, base=cfg.search)
+    return dataclasses.replace(cfg, search=search, **train)
 
 
 def write_problems(path: Path, problems: list) -> None:
@@ -198,7 +217,7 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
     from rstar.search.run import generate
     from rstar.search.treefile import iter_records, run_records
 
-    rcfg = round_search(cfg, r)
+    rcfg = round_config(cfg, r)
     if rcfg.search.ppm_init and not ppm:
         log(f"round {r}: no PPM trained yet, so this round's search is terminal-guided only")
         rcfg = dataclasses.replace(rcfg, search=dataclasses.replace(rcfg.search, ppm_init=False))
@@ -293,8 +312,9 @@ def train_round(cfg: Config, run: Path, r: int, base: str, previous: str) -> dic
     from rstar.training.sft import train_sft
 
     models = run / "models"
+    rcfg = round_config(cfg, r)
     init = base if cfg.evolve.sft_init == "base" else previous
-    sft = train_sft(run / f"round{r}" / "sft.jsonl", init, models / f"policy_r{r}", cfg.sft)
+    sft = train_sft(run / f"round{r}" / "sft.jsonl", init, models / f"policy_r{r}", rcfg.sft)
     keep = ("train_loss", "eval_loss", "heldout_accuracy", "steps", "train_seconds")
     out = {"sft": {k: sft[k] for k in keep if k in sft}}
     n = cfg.evolve.ppm_pair_rounds
@@ -311,7 +331,7 @@ def train_round(cfg: Config, run: Path, r: int, base: str, previous: str) -> dic
         out["ppm"] = {"skipped": "no preference pairs"}
         return out
     ppm = train_reward(
-        pairs, models / f"policy_r{r}", models / f"ppm_r{r}", cfg.ppm, kind=cfg.evolve.reward_kind
+        pairs, models / f"policy_r{r}", models / f"ppm_r{r}", rcfg.ppm, kind=cfg.evolve.reward_kind
     )
     out["ppm"] = {k: ppm[k] for k in keep if k in ppm} | {
         "pairs": len(pairs),
@@ -356,6 +376,8 @@ def evolve(cfg: Config) -> dict:
     from rstar.models import set_cpu_threads
 
     set_cpu_threads(cfg.model)  # training runs in this process too
+    for r in range(1, len(cfg.evolve.rounds) + 1):
+        round_config(cfg, r)  # a bad round entry fails now, not hours into the run
     run = Path(cfg.evolve.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     state = RunState(run, cfg)
