@@ -49,7 +49,7 @@ def search(work: Path, label: str, r: int, seed: int, overrides: list[str]) -> P
 
     from rstar.config import load_config
     from rstar.data.problems import load_problems
-    from rstar.evolve import round_search
+    from rstar.evolve import round_config
     from rstar.search.run import generate
 
     try:
@@ -57,7 +57,7 @@ def search(work: Path, label: str, r: int, seed: int, overrides: list[str]) -> P
     except ImportError:  # before the runners' shared module existed
         from rstar.search.run import open_backends
 
-    cfg = round_search(load_config("embedded", overrides=overrides), r)
+    cfg = round_config(load_config("embedded", overrides=overrides), r)
     cfg = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, policy=str(work / "models" / "base"), ppm=""),

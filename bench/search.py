@@ -1,6 +1,6 @@
 """What a round's search costs: the embedded preset's round-1 search, new path against old.
 
-Runs the embedded preset's round-1 search (`load_config("embedded")` + `evolve.round_search(cfg, 1)`:
+Runs the embedded preset's round-1 search (`load_config("embedded")` + `evolve.round_config(cfg, 1)`:
 terminal-guided MCTS, its rollouts, samples, temperature and token limit) over world training
 problems (levels in the preset's proportions), once per engine and size, each run in a
 subprocess of its own (so that peak RSS is the run's own), and prints for each:
@@ -78,9 +78,9 @@ def round1_config(engine: str, mode: str | None = None, threads: int = 0):
     import dataclasses
 
     from rstar.config import load_config
-    from rstar.evolve import round_search
+    from rstar.evolve import round_config
 
-    cfg = round_search(load_config("embedded"), 1)
+    cfg = round_config(load_config("embedded"), 1)
     model = dataclasses.replace(cfg.model, engine=engine, cpu_threads=threads or cfg.model.cpu_threads)
     cfg = dataclasses.replace(cfg, model=model)
     if mode is not None:  # inference: no gold answer is used, PPM values steer and settle
