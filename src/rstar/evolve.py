@@ -39,14 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from rstar import RstarError
-from rstar.config import (
-    Config,
-    ConfigError,
-    add_config_arguments,
-    config_from_args,
-    from_dict,
-    preset_dict,
-)
+from rstar.config import Config, add_config_arguments, config_from_args, from_dict, preset_dict
 from rstar.lock import writes_to
 
 
@@ -148,20 +141,13 @@ def round_config(cfg: Config, r: int) -> Config:
     round only (e.g. {preset: round4, sft: {epochs: 2}})."""
     spec = dict(cfg.evolve.rounds[r - 1])
     where = f"evolve.rounds[{r - 1}]."
-    train = {}
-    for section in ("sft", "ppm"):
-        if section in spec:
-            fields = spec.pop(section)
-            if not isinstance(fields, dict):
-                raise ConfigError(f"{where}{section}: expected a mapping of training fields, got {fields!r}")
-            train[section] = from_dict(
-                type(getattr(cfg, section)), fields, f"{where}{section}.", getattr(cfg, section)
-            )
+    train = {section: spec.pop(section) for section in ("sft", "ppm") if section in spec}
     preset = spec.pop("preset", None)
     fields = dict(preset_dict(preset).get("search", {})) if preset else {}
     fields.update(spec)
     search = from_dict(type(cfg.search), fields, where=where, base=cfg.search)
-    return dataclasses.replace(cfg, search=search, **train)
+    # the training sections as nested config sections: from_dict names a bad field or value
+    return from_dict(type(cfg), train, where=where, base=dataclasses.replace(cfg, search=search))
 
 
 def write_problems(path: Path, problems: list) -> None:
