@@ -191,6 +191,51 @@ def test_cli_generate_and_eval_with_the_tiny_model(ray_address, tmp_path):
     )
 
 
+def test_evolve_searches_on_actors_give_the_trees_of_one_process(ray_address, tmp_path):
+    """`evolve.search_actors`: a last round (its main search, then an extra pass over the
+    problems it left unsolved) on 2 actors writes the same trees as in this process."""
+    import dataclasses
+
+    from rstar import evolve
+    from rstar.models.tiny import build_tiny_policy
+
+    model = build_tiny_policy(tmp_path / "tiny")
+    base = load_config(
+        "quick",
+        overrides=[
+            "search.max_new_tokens=8",
+            "sandbox.workers=1",
+            "evolve.unsolved_rollouts=[2]",
+            "evolve.unsolved_seeds=1",
+        ],
+    )
+    last = len(base.evolve.rounds)
+    out = {}
+    for actors in (2, 0):
+        run = tmp_path / f"actors{actors}"
+        (run / "problems").mkdir(parents=True)
+        (run / "problems" / "train.jsonl").write_text(
+            "".join(json.dumps(p.to_dict()) + "\n" for p in problems(4))
+        )
+        cfg = dataclasses.replace(base, evolve=dataclasses.replace(base.evolve, search_actors=actors))
+        evolve.generate_round(cfg, run, last, str(model), "")
+        out[actors] = {
+            part: {
+                rec["key"]: rec["tree"]
+                for rec in map(
+                    json.loads, (run / f"round{last}" / part / "trees.jsonl").read_text().splitlines()
+                )
+            }
+            for part in (".", "extra1")
+        }
+        assert json.loads((run / f"round{last}" / "run.json").read_text()).get("ray", {}).get("actors") == (
+            actors or None
+        )
+    # a random policy solves nothing, so the extra pass searches every problem again
+    assert sorted(out[0]["extra1"]) == sorted(out[0]["."]) == sorted(f"add:{i}#0" for i in range(4))
+    assert out[2] == out[0]
+
+
 def test_killed_actor_loses_nothing_and_repeats_nothing(ray_address, tmp_path):
     """SIGKILL one actor's process mid-run: its unfinished searches go to the other actor or
     its replacement, and the tree file holds every search exactly once."""

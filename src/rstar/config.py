@@ -228,6 +228,12 @@ class EvolveConfig:
         "copies of the round's extracted trajectories in its SFT set (1 = the paper); more weighs the "
         "new solutions against a large seed set (sft_seed_records)",
     )
+    search_actors: int = _f(
+        0,
+        "the rounds' training searches run in this many Ray actors of a Ray instance started on this "
+        "machine (0 = in this process); seeded searches give the same trees either way, so this sets "
+        "speed only: each actor is one more search process with its own sandbox (docs/RAY.md)",
+    )
     frontier: bool = _f(
         False,
         "each round first decodes its training problems greedily with the round's policy, and its "

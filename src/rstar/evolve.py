@@ -211,7 +211,15 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
         rcfg, model=dataclasses.replace(rcfg.model, policy=policy, ppm=ppm if rcfg.search.ppm_init else "")
     )
     problems = load_problems(run / "problems" / "train.jsonl")
-    with open_backends(rcfg) as backends:
+    # With search actors each actor opens its own backends; the searches and their trees are the
+    # same (seeded requests), only spread over processes. A small prefetch keeps the last
+    # searches of a round from waiting in one actor's queue while the other has none.
+    ray = None
+    if cfg.evolve.search_actors > 0:
+        from rstar.search.ray_runner import RayOptions
+
+        ray = RayOptions(actors=cfg.evolve.search_actors, prefetch=8)
+    with contextlib.nullcontext() if ray else open_backends(rcfg) as backends:
         if cfg.evolve.frontier:
             # Greedy decoding first: the search budget goes to the problems it gets wrong.
             greedy = dataclasses.replace(rcfg.search, mode="greedy", trajectories=1)
@@ -222,6 +230,7 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
                 resume=True,
                 backends=backends,
                 description=f"round {r} greedy pass",
+                ray=ray,
             )
             easy = solved_ids(iter_records(greedy_pass_dir(run, r) / "trees.jsonl"))
             problems = [p for p in problems if p.id not in easy]
@@ -229,7 +238,13 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
                 f"round {r}: greedy decoding solves {len(easy)} training problems; searching the other {len(problems)}"
             )
         stats = generate(
-            problems, rcfg, run / f"round{r}", resume=True, backends=backends, description=f"round {r} search"
+            problems,
+            rcfg,
+            run / f"round{r}",
+            resume=True,
+            backends=backends,
+            description=f"round {r} search",
+            ray=ray,
         )
         if r == len(cfg.evolve.rounds):
             # Round 4: problems still unsolved get more rollouts and several trees each.
@@ -254,6 +269,7 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
                     resume=True,
                     backends=backends,
                     description=f"round {r} unsolved, pass {i + 1}",
+                    ray=ray,
                 )
     return stats.as_dict()
 
