@@ -14,11 +14,16 @@ subprocess of its own (so that peak RSS is the run's own), and prints for each:
   blocked on the sandbox (`sandbox_wait`) and on grading (`grading_wait`); `batch_fullness`
   (searches in a model call / searches in flight); wall time and peak RSS.
 
+With `--actors N`, also the new path on N Ray actors of a Ray instance started for the run
+(`rstar evolve`'s `evolve.search_actors`: one search process per core), Ray's start included
+in its wall time; the line gives its wall time, problems/min, solved and tokens (the actors'
+model time is summed over them, so it has no non-model share).
+
 With `--inference`, also MCTS + PPM and best-of-N + PPM at inference (test problems, a PPM
 built from the policy with a fresh value head: its values are noise, the token cost is real),
 same number of samples per problem, generated tok/s of each.
 
-    python bench/search.py [--policy DIR] [--sizes 128,512] [--engines hf,auto] [--inference]
+    python bench/search.py [--policy DIR] [--sizes 128,512] [--engines hf,auto] [--actors 2] [--inference]
 
 Without --policy it builds a tiny policy and pre-trains it for a few hundred steps on the
 synthetic world's seed solutions (`quick_policy`), so that it writes multi-step solutions.
@@ -110,8 +115,41 @@ def replay(policy_dir: str, engine: str, calls: list, prefix_cache_mb: int, cpu_
     return out
 
 
+def ray_worker(args) -> dict:
+    """One search run on `args.actors` Ray actors (started here): prints one JSON line."""
+    import dataclasses
+
+    from rstar.search.ray_runner import RayOptions
+    from rstar.search.run import generate
+
+    cfg = round1_config(args.engine, None, args.threads)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy=args.policy))
+    problems = problems_for(args.problems)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        # prefetch as `rstar evolve` sets it: the last searches do not queue in one actor
+        stats = generate(
+            problems, cfg, tmp, ray=RayOptions(actors=args.actors, prefetch=8), show_progress=False
+        )
+        wall = time.perf_counter() - t0
+    res = {
+        "engine": f"{args.engine}+ray{args.actors}",
+        "mode": args.mode,
+        "problems": len(problems),
+        "solved": stats.solved,
+        "nodes": stats.nodes,
+        "tokens": stats.tokens,
+        "wall_s": wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print("RESULT " + json.dumps(res), flush=True)
+    return res
+
+
 def worker(args) -> dict:
     """One search run (and its replays) in this process: prints one JSON line."""
+    if args.actors:
+        return ray_worker(args)
     from rstar.models import load_policy, load_reward
     from rstar.search.jobs import make_jobs, open_backends
     from rstar.search.scheduler import run_jobs
@@ -203,9 +241,11 @@ def report(r: dict) -> str:
         f"solved={r['solved']}/{r['problems']}",
         f"problems_per_min={60 * r['problems'] / wall:.1f}",
         f"wall_s={wall:.1f}",
-        f"peak_rss_mb={r['peak_rss_mb']:.0f}",
         f"search_tok_s={tok / wall:.0f}",
     ]
+    if "model_s" not in r:  # a Ray run: the driver's RSS is not the actors'
+        return " ".join(parts)
+    parts.append(f"peak_rss_mb={r['peak_rss_mb']:.0f}")
     if "replay" in r:
         raw = r["replay"]["tok_s"]
         parts += [f"raw_tok_s={raw:.0f}", f"search_efficiency={tok / wall / raw:.2f}"]
@@ -235,6 +275,7 @@ def main() -> None:
     ap.add_argument("--inference-problems", type=int, default=64)
     ap.add_argument("--parallel-rollouts", type=int, default=4, help="MCTS + PPM with this many at once too")
     ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--actors", type=int, default=0, help="also the new path on this many Ray actors")
     ap.add_argument(
         "--no-replay",
         action="store_true",
@@ -273,6 +314,20 @@ def main() -> None:
                 r = launch(args, engine=eng, problems=n, replay=not args.no_replay and n == sizes[0])
                 results.append(r)
                 print(report(r), flush=True)
+            if args.actors:
+                r = launch(args, engine=engines[-1], problems=n, actors=args.actors)
+                print(report(r), flush=True)
+                one = next(x for x in results if x["engine"] == engines[-1] and x["problems"] == n)
+                print(
+                    f"problems={n} actors={args.actors} speedup_problems_per_min_over_one_process="
+                    f"{one['wall_s'] / r['wall_s']:.2f}"
+                    + "".join(
+                        f" over_{x['engine']}={x['wall_s'] / r['wall_s']:.2f}"
+                        for x in results
+                        if x["problems"] == n and x["engine"] != engines[-1]
+                    ),
+                    flush=True,
+                )
         by = {(r["engine"], r["problems"]): r for r in results}
         for n in sizes:
             if all((e, n) in by for e in ("hf", "auto")):
