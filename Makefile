@@ -52,15 +52,22 @@ demo-full: install
 # After `make demo` (or `make demo-full`, then RUN=runs/embedded-full-s0 PRESET=embedded-full): the
 # paper's Figure 3 (accuracy against trajectories 1-16, MCTS + PPM vs
 # best-of-N) and Table 8 (PPM vs PQM vs ORM as MCTS's reward model) on the embedded test set.
+# The ORM and the PQM learn from the same round-4 trees as the run's PPM. The PQM gets as many
+# optimizer steps as the PPM took (its metrics.json), the same training budget: its records,
+# every visited step, outnumber the PPM's pairs ~25x, and on a `make demo-full` run its epochs
+# took ~20 minutes. The ORM, with fewer records (whole-solution pairs) than the PPM, trains its
+# preset epochs.
 RUN ?= runs/embedded
 PRESET ?= embedded
 AB = $(RUN)/ablation
+PPM_STEPS = $$($(BIN)/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["steps"])' $(RUN)/models/ppm_r4/metrics.json)
 eval-demo: install
 	mkdir -p $(AB)
 	$(BIN)/rstar extract orm $(RUN)/round4 --out $(AB)/orm.jsonl
 	$(BIN)/rstar extract pqm $(RUN)/round4 --out $(AB)/pqm.jsonl
 	$(BIN)/rstar train ppm $(AB)/orm.jsonl --kind orm --model $(RUN)/models/policy_r4 --out $(AB)/orm --preset $(PRESET)
-	$(BIN)/rstar train ppm $(AB)/pqm.jsonl --kind pqm --model $(RUN)/models/policy_r4 --out $(AB)/pqm --preset $(PRESET)
+	$(BIN)/rstar train ppm $(AB)/pqm.jsonl --kind pqm --model $(RUN)/models/policy_r4 --out $(AB)/pqm --preset $(PRESET) \
+		--max-steps $(PPM_STEPS)
 	$(BIN)/rstar eval --benchmark $(RUN)/problems/test.jsonl --policy $(RUN)/models/policy_r4 \
 		--ppm $(RUN)/models/ppm_r4 --mode greedy,bon,mcts --mcts-unit rollouts --trajectories 1,2,4,8,16 \
 		--ablation pqm=$(AB)/pqm,orm=$(AB)/orm --preset $(PRESET) --out $(RUN)/eval

@@ -79,7 +79,11 @@ def _common(p: argparse.ArgumentParser, base_help: str) -> None:
             help=f"{help_} (= --set SECTION.{field})",
         )
     p.add_argument(
-        "--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)"
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps (the learning-rate schedule ends there): smoke runs, "
+        "or an equal training budget (make eval-demo)",
     )
     p.add_argument(
         "--save-steps",
