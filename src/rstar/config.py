@@ -231,8 +231,9 @@ class EvolveConfig:
     search_actors: int = _f(
         0,
         "the rounds' training searches run in this many Ray actors of a Ray instance started on this "
-        "machine (0 = in this process); seeded searches give the same trees either way, so this sets "
-        "speed only: each actor is one more search process with its own sandbox (docs/RAY.md)",
+        "machine (0 = in this process): each actor is one more search process with its own sandbox and "
+        "models. Seeded searches give the same trees either way (with a reward model, up to its float "
+        "noise, as between two runs in one process), so this sets speed only (docs/RAY.md)",
     )
     frontier: bool = _f(
         False,
