@@ -39,6 +39,7 @@ def test_file_and_overrides(tmp_path):
         ("rollouts", "expected section.field=value"),
         ("evolve.ppm_pair_rounds=-1", "evolve.ppm_pair_rounds=-1: expected 0 (all rounds) or more"),
         ("evolve.sft_seed_records=-3", "evolve.sft_seed_records=-3"),
+        ("evolve.search_actors=-1", "evolve.search_actors=-1: expected 0 (this process) or more"),
         ("evolve.train_per_level=[5, -1]", "evolve.train_per_level=.*: expected one count >= 0"),
         ("evolve.test_per_level=[]", "evolve.test_per_level=.*: expected one count"),
         ("sft.sampling=by_length", "sft.sampling='by_length': expected random | group_by_length"),

@@ -331,6 +331,7 @@ def validate(cfg: Config) -> None:
         _check(sampling in SAMPLINGS, f"{section}.sampling", sampling, " | ".join(SAMPLINGS))
     e = cfg.evolve
     _check(e.sft_repeat >= 1, "evolve.sft_repeat", e.sft_repeat, "1 or more")
+    _check(e.search_actors >= 0, "evolve.search_actors", e.search_actors, "0 (this process) or more")
     _check(e.sft_seed_records >= -1, "evolve.sft_seed_records", e.sft_seed_records, "-1 (all), 0 or more")
     _check(
         len(e.seed_per_level) in (1, len(e.seed_levels)) and min(e.seed_per_level, default=0) >= 0,
