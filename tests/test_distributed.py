@@ -198,6 +198,7 @@ def test_evolve_searches_on_actors_give_the_trees_of_one_process(ray_address, tm
 
     from rstar import evolve
     from rstar.models.tiny import build_tiny_policy
+    from rstar.search.treefile import iter_records
 
     model = build_tiny_policy(tmp_path / "tiny")
     base = load_config(
@@ -213,18 +214,12 @@ def test_evolve_searches_on_actors_give_the_trees_of_one_process(ray_address, tm
     out = {}
     for actors in (2, 0):
         run = tmp_path / f"actors{actors}"
-        (run / "problems").mkdir(parents=True)
-        (run / "problems" / "train.jsonl").write_text(
-            "".join(json.dumps(p.to_dict()) + "\n" for p in problems(4))
-        )
+        evolve.write_problems(run / "problems" / "train.jsonl", problems(4))
         cfg = dataclasses.replace(base, evolve=dataclasses.replace(base.evolve, search_actors=actors))
         evolve.generate_round(cfg, run, last, str(model), "")
         out[actors] = {
             part: {
-                rec["key"]: rec["tree"]
-                for rec in map(
-                    json.loads, (run / f"round{last}" / part / "trees.jsonl").read_text().splitlines()
-                )
+                rec["key"]: rec["tree"] for rec in iter_records(run / f"round{last}" / part / "trees.jsonl")
             }
             for part in (".", "extra1")
         }
