@@ -59,6 +59,24 @@ def test_greedy_equals_hf_generate(trained, stops) -> None:
         assert ref[0][0][:2] == ("\n\n# add one\nx = x + 1", "stop")
 
 
+def test_a_bfloat16_model_decodes_as_hf_generate_does(trained) -> None:
+    """`model.dtype: bfloat16` on CPU: the engine's KV, attention and forward run in the
+    model's dtype (the attention kernel's fp32 log-sum-exp included) and its greedy output
+    is HF generate's on the memorised model, whose next tokens win by wide margins."""
+    import copy
+
+    model, tok = trained
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    reqs = [
+        GenRequest(p, n=1, max_new_tokens=24, temperature=0.0, stop=steps.STOP_STRINGS) for p in prompts()[:4]
+    ]
+    ref = outs(HFPolicy(bf16, tokenizer=tok, engine="hf"), reqs)
+    fast = HFPolicy(bf16, tokenizer=tok, engine="fast")
+    assert fast.engine is not None and fast.engine.dtype == torch.bfloat16
+    assert outs(fast, reqs) == ref
+    assert ref[0][0][:2] == (STEP, "stop")
+
+
 def test_continuous_batching_and_prefix_cache_change_nothing_greedy(tiny_dir: Path) -> None:
     """A random model (long continuations): few live rows (requests wait and join as rows
     finish) and the prefix cache on/off give HF generate's greedy output."""
@@ -230,3 +248,61 @@ def test_parallel_rollouts_finish_and_undo_their_virtual_loss(sandbox) -> None:
                         todo.extend(c.children)
                     assert node.N == below, (k, node.id)
                 assert tree.answers()
+
+
+def test_the_written_out_forward_is_transformers_forward_and_follows_weight_changes() -> None:
+    """`DecodeEngine._forward` writes Qwen2's forward out: last-token hidden states equal
+    transformers' own forward on a random Qwen2 with grouped KV heads and scaled rotary
+    embeddings (linear rope), a prefix read from the cache included. After a weight changes in
+    place or is replaced, the engine reads the new weights and its prefix cache forgets the KV
+    computed with the old ones."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rstar.models.engine import DecodeEngine, supports
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    assert supports(model, torch.device("cpu")) is None
+    engine = DecodeEngine(model, SimpleNamespace(pad_token_id=0), eos_ids=[1])
+    seqs = [[int(t) for t in torch.randint(2, 50, (n,))] for n in (9, 30, 17)]
+    longer = [seqs[1] + [5, 6, 7]]  # its first 30 tokens' KV comes from the prefix cache
+
+    def reference(batch: list[list[int]]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([model.model(torch.tensor([s])).last_hidden_state[0, -1] for s in batch])
+
+    def check() -> int:
+        """Compare both calls with transformers; prompt tokens the second read from the cache."""
+        assert torch.allclose(engine.encode_last(seqs), reference(seqs), atol=1e-5)
+        reused = engine.prefix_tokens_reused
+        assert torch.allclose(engine.encode_last(longer), reference(longer), atol=1e-5)
+        return engine.prefix_tokens_reused - reused
+
+    assert check() == 30
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(3.0)
+        model.model.layers[0].self_attn.k_proj.bias.add_(0.5)
+    engine.reset_counters()
+    first = engine.encode_last(seqs)  # all new: the cache was cleared
+    assert engine.prefix_tokens_reused == 0 and torch.allclose(first, reference(seqs), atol=1e-5)
+    model.model.layers[2].mlp.down_proj.weight = torch.nn.Parameter(torch.zeros(64, 96))
+    assert check() == 30  # cleared again at the new weights' first forward, then reused
+
+    # what it does not write out stays on HF generate
+    gelu = Qwen2ForCausalLM(Qwen2Config(**{**cfg.to_dict(), "hidden_act": "gelu"}))
+    assert "hidden_act" in supports(gelu, torch.device("cpu"))
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = torch.nn.Sequential(attn.q_proj)
+    assert "plain torch Linear" in supports(model, torch.device("cpu"))

@@ -12,10 +12,17 @@ llama.cpp was measured slower than a loop like this one on this kind of machine 
 generate against 2.32x); HF `generate` keeps finished rows in the batch until the longest ends
 (39-51% of its row-steps produce a token) and copies a prompt's KV once per sample.
 (transformers' own continuous batching, `generate_batch` with paged attention, was not
-evaluated here; its asynchronous path lists only CUDA and XPU devices.) So this module
-writes only the loop and the attention kernel's data layout; the architecture (embeddings, projections, rotary embedding, norms,
-MLP, LM head) is transformers' own forward, into which the attention below is plugged
-through `AttentionInterface` (its documented extension point).
+evaluated here; its asynchronous path lists only CUDA and XPU devices.)
+
+Why the Qwen2 forward is written out (`DecodeEngine._forward`) rather than called through
+transformers' modules with the attention plugged in: at these sizes a decode step is a few
+dozen small ops, and the module plumbing (hooks, keyword routing, per-call rotary tables)
+and five separate projections took about a tenth of a round-1 search's model time
+(docs/EXPERIMENTS.md, "Search speed"). Written out, q/k/v are one
+matmul and gate/up another, over the model's own weights (read from its modules, re-read
+and the prefix cache cleared when a parameter changes), with its own rotary module and
+`torch.rms_norm`; a test holds it to transformers' forward, and `supports` sends every other
+model (other architectures, activations, quantised or adapted layers) to HF generate.
 
 Data layout (per layer; Hkv = KV heads, D = head dim):
 - a *group* is a request's prompt (or up to `width` of its samples): its KV is stored once,
@@ -38,8 +45,8 @@ Sampling: per-row temperature and top-p; each row's random numbers come from a c
 hash of (request seed, sample index, step), so a seeded request's samples do not depend on
 what it was batched with (HF `generate` draws from one generator per batch).
 
-Why one file of this length: the decode loop, its KV layout, the attention it plugs into
-transformers and the prefix cache index the same slots, and each is wrong without the others.
+Why one file of this length: the decode loop, its KV layout, the forward and attention that
+read it and the prefix cache index the same slots, and each is wrong without the others.
 """
 
 from __future__ import annotations
@@ -55,13 +62,16 @@ import torch
 
 from rstar.models.base import Completion, GenRequest, first_stop
 
-ATTN_NAME = "rstar_engine"
-# Model types whose attention is plain full causal attention through AttentionInterface
-# with q/k/v after the rotary embedding (checked on Qwen2; others use HF generate).
+# Model types `_qwen2_forward` writes out (others use HF generate).
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 _BLOCK = 16  # tokens per hash-chain block of the prefix cache index
 
 _M64 = (1 << 64) - 1
+# torch's fused CPU attention kernel, which also returns each row's log-sum-exp: the decode
+# attention combines a softmax over the group KV with one over the row's own tokens, so it
+# needs the log-sum-exp that `scaled_dot_product_attention` does not return. About 2x the
+# written-out softmax on a decode step's group part (measured on the round-1 layout).
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def supports(model: Any, device: torch.device) -> str | None:
@@ -75,7 +85,16 @@ def supports(model: Any, device: torch.device) -> str | None:
         return "sliding-window attention"
     if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"]):
         return "layers other than full attention"
+    if cfg.hidden_act != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    if any(type(m) is not torch.nn.Linear for layer in model.model.layers for m in _projections(layer)):
+        return "projections that are not plain torch Linear layers (quantised or adapted)"
     return None
+
+
+def _projections(layer: Any) -> tuple[Any, ...]:
+    a, mlp = layer.self_attn, layer.mlp
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
 
 def select_engine(
@@ -270,13 +289,11 @@ class _Decode:
     sbias: torch.Tensor  # (G, 1, W, 1, S) 0 / -inf over the suffix KV
 
 
-def _engine_attention(
-    module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, **kw: Any
-) -> tuple[torch.Tensor, None]:
-    """Attention for the engine's two kinds of forward (see the module doc)."""
-    st = kw["rstar_state"]
-    layer = module.layer_idx
-    scale = kw.get("scaling") or module.scaling
+def _attend(
+    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st: Any, scale: float
+) -> torch.Tensor:
+    """Attention for the engine's two kinds of forward: q (B, H, T, D), k/v (B, Hkv, T, D)
+    after the rotary embedding -> (B, T, H, D)."""
     if isinstance(st, _Prefill):
         st.new_k.append(k)
         st.new_v.append(v)
@@ -285,14 +302,60 @@ def _engine_attention(
         out = torch.nn.functional.scaled_dot_product_attention(
             q, keys, vals, attn_mask=st.mask, scale=scale, enable_gqa=True
         )  # (U, H, T, D)
-        return out.transpose(1, 2), None
-    return st.engine.decode_attention(layer, q, k, v, st, scale), None
+        return out.transpose(1, 2)
+    return st.engine.decode_attention(layer, q, k, v, st, scale)
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
+def _softmax_part(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (..., R, D) over k/v (..., L, D) with an additive bias: (output (..., R,
+    D), log-sum-exp of the scores (..., R, 1)), so that parts over disjoint keys combine."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
+    m = s.amax(dim=-1, keepdim=True)
+    e = torch.exp(s - m)
+    den = e.sum(dim=-1, keepdim=True)
+    return torch.matmul(e, v) / den, m + torch.log(den)
 
-    AttentionInterface.register(ATTN_NAME, _engine_attention)
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding as transformers' `apply_rotary_pos_emb` (rotate_half form)."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's weights, q/k/v and gate/up concatenated (see the module doc)."""
+
+    ln1: torch.Tensor
+    wqkv: torch.Tensor  # ((H + 2 Hkv) D, h)
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    wgu: torch.Tensor  # (2 i, h)
+    wd: torch.Tensor
+    scale: float
+
+
+def _layers(model: Any) -> list[_Layer]:
+    out = []
+    for layer in model.model.layers:
+        q, k, v, o, gate, up, down = _projections(layer)
+        bias = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias])
+        out.append(
+            _Layer(
+                ln1=layer.input_layernorm.weight,
+                wqkv=torch.cat([q.weight, k.weight, v.weight]),
+                bqkv=bias,
+                wo=o.weight,
+                ln2=layer.post_attention_layernorm.weight,
+                wgu=torch.cat([gate.weight, up.weight]),
+                wd=down.weight,
+                scale=layer.self_attn.scaling,
+            )
+        )
+    return out
 
 
 # --- the engine ----------------------------------------------------------------------------
@@ -369,9 +432,10 @@ class _Batch:
         """q (B, H, 1, D), k/v (B, Hkv, 1, D) for one new token per live row -> (B, 1, H, D).
 
         Computed in slot space (G groups x W samples; dead slots compute garbage that is never
-        read), with the softmax written out over its two parts, so that neither the group KV
-        nor the scores are copied: scores (G, Hkv, W*rep, P) against the group KV, read once
-        per group, and (G, Hkv, W, rep, S) against each sample's own tokens."""
+        read), as two softmax parts combined by their log-sum-exps, so that the group KV is
+        never copied per sample: the W*rep queries of a group and KV head against the group
+        KV (P keys, read once per group: torch's fused kernel where it has one), and each
+        sample's rep queries against its own S generated tokens."""
         B, H, _, D = q.shape
         Hkv, W, G, P = k.shape[1], self.W, st.G, st.P
         rep = H // Hkv
@@ -381,17 +445,25 @@ class _Batch:
         sv[g, :, j, st.spos] = v[:, :, 0]
         qs = q.new_zeros(G, Hkv, W, rep, D)
         qs[g, :, j] = q.reshape(B, Hkv, rep, D)
-        # (slicing P keeps each (P, D) matrix contiguous: matmul does not copy it)
+        # (slicing P keeps each (P, D) matrix contiguous: neither kernel copies it)
         gk, gv = self.gk[layer][:G, :, :P], self.gv[layer][:G, :, :P]
-        sg = torch.matmul(qs.view(G, Hkv, W * rep, D), gk.transpose(-1, -2))
-        sg = (sg * scale + st.gbias).view(G, Hkv, W, rep, P)
-        ss = torch.matmul(qs, sk.transpose(-1, -2)) * scale + st.sbias  # (G, Hkv, W, rep, S)
-        m = torch.maximum(sg.amax(dim=-1), ss.amax(dim=-1)).unsqueeze(-1)  # (G, Hkv, W, rep, 1)
-        eg, es = torch.exp(sg - m), torch.exp(ss - m)
-        den = eg.sum(dim=-1, keepdim=True) + es.sum(dim=-1, keepdim=True)
-        out = torch.matmul(eg.view(G, Hkv, W * rep, P), gv).view(G, Hkv, W, rep, D)
-        out = (out + torch.matmul(es, sv)) / den
-        return out[g, :, j].reshape(B, 1, H, D)
+        R = W * rep
+        if _FLASH is not None:  # heads folded into the batch: (G*Hkv, 1, R, D) against (G*Hkv, 1, P, D)
+            og, lg = _FLASH(
+                qs.view(G * Hkv, 1, R, D),
+                gk.flatten(0, 1).unsqueeze(1),
+                gv.flatten(0, 1).unsqueeze(1),
+                attn_mask=st.gbias.expand(G, Hkv, 1, P).reshape(G * Hkv, 1, 1, P),
+                scale=scale,
+            )
+        else:
+            og, lg = _softmax_part(qs.view(G, Hkv, R, D), gk, gv, st.gbias, scale)
+        og, lg = og.view(G, Hkv, W, rep, D), lg.view(G, Hkv, W, rep, 1)
+        os_, ls = _softmax_part(qs, sk, sv, st.sbias, scale)  # (G, Hkv, W, rep, D), (.., 1)
+        m = torch.maximum(lg, ls)
+        wg, ws = torch.exp(lg - m), torch.exp(ls - m)
+        out = (og * wg + os_ * ws) / (wg + ws)
+        return out[g, :, j].reshape(B, 1, H, D).to(q.dtype)  # (the kernel's log-sum-exp is fp32)
 
 
 class DecodeEngine:
@@ -419,7 +491,6 @@ class DecodeEngine:
         cache_outputs: bool = True,
         prefill_tokens: int = 4096,
     ) -> None:
-        _register()
         self.model = model
         self.tok = tokenizer
         self.eos_ids = set(eos_ids)
@@ -429,6 +500,9 @@ class DecodeEngine:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.dtype = model.dtype
+        self.n_heads = cfg.num_attention_heads
+        self._weights: list[_Layer] = []
+        self._weights_of: tuple = ()  # the parameters (identity, version) they were read from
         self.max_rows = max_rows
         self.cache = PrefixCache(prefix_cache_mb << 20)
         self.cache_outputs = cache_outputs
@@ -471,22 +545,38 @@ class DecodeEngine:
 
     # --- the model ---------------------------------------------------------------------------
 
+    def _sync_weights(self) -> None:
+        """Before a call: re-read the weights if a parameter was replaced or changed in place
+        since the last call, and forget the cached KV, which the old weights computed."""
+        key = tuple((id(p), p._version) for p in self.model.parameters())
+        if key != self._weights_of:
+            if self._weights_of:
+                self.cache.clear()
+            with torch.no_grad():  # copies of the weights, outside any autograd graph
+                self._weights, self._weights_of = _layers(self.model), key
+
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
-        """Hidden states (B, T, h) of transformers' own forward with the engine's attention."""
-        cfg = self.model.config
-        old = cfg._attn_implementation
-        cfg._attn_implementation = ATTN_NAME
-        try:
-            out = self.model.model(
-                input_ids=ids,
-                position_ids=positions,
-                attention_mask={t: None for t in set(cfg.layer_types)},
-                use_cache=False,
-                rstar_state=state,
-            )
-        finally:
-            cfg._attn_implementation = old
-        return out.last_hidden_state
+        """Hidden states (B, T, h) of the Qwen2 model at token `ids` (B, T) and `positions`,
+        with the engine's attention (`state`: a prefill or a decode step); transformers'
+        `Qwen2Model.forward` written out (see the module doc)."""
+        F = torch.nn.functional
+        m = self.model.model
+        eps, hs = m.norm.variance_epsilon, (self.model.config.hidden_size,)
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        B, T = ids.shape
+        x = F.embedding(ids, m.embed_tokens.weight)  # (B, T, h)
+        cos, sin = m.rotary_emb(x, positions)  # (B, T, D) each
+        cos, sin = cos[:, None], sin[:, None]
+        for i, w in enumerate(self._weights):
+            qkv = F.linear(torch.rms_norm(x, hs, w.ln1, eps), w.wqkv, w.bqkv)
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = _rotate(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+            k = _rotate(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+            o = _attend(i, q, k, v.view(B, T, Hkv, D).transpose(1, 2), state, w.scale)
+            x = x + F.linear(o.reshape(B, T, H * D), w.wo)
+            gate, up = F.linear(torch.rms_norm(x, hs, w.ln2, eps), w.wgu).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.wd)
+        return torch.rms_norm(x, hs, m.norm.weight, eps)
 
     def _prefill(
         self, seqs: list[list[int]]
@@ -542,6 +632,7 @@ class DecodeEngine:
         """For each request, `request.n` completions (see `HFPolicy.generate`); `prompt_ids`
         and `max_new` (the capped token limit) per request."""
         t0 = time.perf_counter()
+        self._sync_weights()
         with torch.inference_mode():
             out = self._generate(requests, prompt_ids, max_new)
         self.model_seconds += time.perf_counter() - t0
@@ -559,6 +650,7 @@ class DecodeEngine:
         if any(not ids for ids in seqs):
             raise ValueError("encode_last: an empty token sequence has no last token")
         t0 = time.perf_counter()
+        self._sync_weights()
         out: list[torch.Tensor | None] = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
         with torch.inference_mode():
