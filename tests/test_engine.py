@@ -77,9 +77,12 @@ def test_a_bfloat16_model_decodes_as_hf_generate_does(trained) -> None:
     assert ref[0][0][:2] == (STEP, "stop")
 
 
-def test_continuous_batching_and_prefix_cache_change_nothing_greedy(tiny_dir: Path) -> None:
+def test_continuous_batching_and_prefix_cache_change_nothing_greedy(tiny_dir: Path, monkeypatch) -> None:
     """A random model (long continuations): few live rows (requests wait and join as rows
-    finish) and the prefix cache on/off give HF generate's greedy output."""
+    finish), the prefix cache on/off, and the written-out softmax in place of torch's fused
+    attention kernel (a torch without it) give HF generate's greedy output."""
+    from rstar.models import engine
+
     reqs = [
         GenRequest(p, n=2, max_new_tokens=6 + 3 * (i % 5), temperature=0.0, stop=steps.STOP_STRINGS)
         for i, p in enumerate(prompts())
@@ -88,6 +91,9 @@ def test_continuous_batching_and_prefix_cache_change_nothing_greedy(tiny_dir: Pa
     small = HFPolicy(tiny_dir, engine="fast", prefix_cache_mb=0)
     small.engine.max_rows = 3
     assert outs(small, reqs) == ref
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_FLASH", None)
+        assert outs(HFPolicy(tiny_dir, engine="fast"), reqs) == ref
     assert small.engine.cache.hits == 0
     cached = HFPolicy(tiny_dir, engine="fast", prefix_cache_mb=64)
     assert outs(cached, reqs) == ref

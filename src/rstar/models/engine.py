@@ -62,7 +62,7 @@ import torch
 
 from rstar.models.base import Completion, GenRequest, first_stop
 
-# Model types `_qwen2_forward` writes out (others use HF generate).
+# Model types whose forward `DecodeEngine._forward` writes out (others use HF generate).
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 _BLOCK = 16  # tokens per hash-chain block of the prefix cache index
 
