@@ -107,6 +107,8 @@ def test_continuous_batching_and_prefix_cache_change_nothing_greedy(tiny_dir: Pa
 
 
 def test_seeded_samples_do_not_depend_on_batch_mates(tiny_dir: Path) -> None:
+    """Also the engine's buffers kept from call to call: the lone request below runs in group
+    slot 0, where the call before left the longest prompt's KV (masked, never read)."""
     policy = HFPolicy(tiny_dir, engine="fast")
     ps = prompts()
     reqs = [

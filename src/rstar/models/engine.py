@@ -383,7 +383,7 @@ class _Item:
 
 
 class _Batch:
-    """The KV buffers of one `generate` call, grown as needed.
+    """The KV buffers of `generate` calls of one width and token limit, grown as needed.
 
     gk/gv: per layer (G, Hkv, P, D), group g's prompt KV in [:, :, :glen[g]];
     sk/sv: per layer (G, Hkv, W, S, D), the KV of the tokens that sample j of group g generated.
@@ -508,7 +508,8 @@ class DecodeEngine:
         self.cache_outputs = cache_outputs
         self.prefill_tokens = prefill_tokens
         self._tail_chars: dict[tuple[str, ...], set[str]] = {}
-        self._candidate: dict[tuple[str, ...], torch.Tensor] = {}
+        self._batch: _Batch | None = None  # the last call's KV buffers (see `_generate`)
+        self._candidate: dict[tuple[str, ...], frozenset[int]] = {}
         self._single: dict[tuple[str, ...], dict[int, str]] = {}
         self.reset_counters()
 
@@ -524,18 +525,20 @@ class DecodeEngine:
 
     # --- stop strings ----------------------------------------------------------------------
 
-    def _stop_tables(self, stops: tuple[str, ...]) -> tuple[torch.Tensor, dict[int, str]]:
-        """(candidate (V,) bool: tokens after which a stop string may have just completed,
-        single: {token id: stop string} for stops that are one token)."""
+    def _stop_tables(self, stops: tuple[str, ...]) -> tuple[frozenset[int], dict[int, str]]:
+        """(candidate: ids of the tokens after which a stop string may have just completed,
+        single: {token id: stop string} for stops that are one token). A Python set, not a
+        tensor: every generated token is looked up, and a tensor index costs microseconds."""
         if stops not in self._candidate:
             V = self.model.get_output_embeddings().weight.shape[0]
             tails = {s[-1] for s in stops if s}
-            cand = torch.zeros(V, dtype=torch.bool)
+            ids: set[int] = set()
             single: dict[int, str] = {}
             for i in range(min(V, len(self.tok))):
                 t = self.tok.decode([i], skip_special_tokens=False)
                 if "\ufffd" in t or any(c in t for c in tails):
-                    cand[i] = True
+                    ids.add(i)
+            cand = frozenset(ids)
             for s in stops:
                 enc = self.tok.encode(s, add_special_tokens=False)
                 if len(enc) == 1 and self.tok.decode(enc) == s:
@@ -698,7 +701,12 @@ class DecodeEngine:
         if not items:
             return results  # type: ignore[return-value]
         S = max(it.max_new for it in items)
-        batch = _Batch(self, width, S)
+        # The buffers of the last call are kept for the next one of the same shape (a search
+        # calls with the same width and token limit over and over): growing fresh ones from
+        # zero took a few percent of a search's time. Old KV in them is finite and masked.
+        batch = self._batch
+        if batch is None or (batch.W, batch.S) != (width, S):
+            batch = self._batch = _Batch(self, width, S)
         # A stack, longest prompt on top: groups alive at the same time have similar prompt
         # lengths, so little of the group KV the attention reads is padding.
         waiting = sorted(range(len(items)), key=lambda i: len(items[i].ids))
@@ -753,7 +761,7 @@ class DecodeEngine:
                     finish(slot, "stop")
                 elif t in self.eos_ids:
                     finish(slot, "eos")
-                elif cand[t] and it.stops and self._ends_with_stop(row.tokens, it.stops):
+                elif t in cand and it.stops and self._ends_with_stop(row.tokens, it.stops):
                     finish(slot, "stop")
                 elif len(row.tokens) >= it.max_new:
                     finish(slot, "length")
