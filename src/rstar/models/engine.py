@@ -703,7 +703,8 @@ class DecodeEngine:
         S = max(it.max_new for it in items)
         # The buffers of the last call are kept for the next one of the same shape (a search
         # calls with the same width and token limit over and over): growing fresh ones from
-        # zero was 1-3% of a search's time (EXPERIMENTS). Old KV in them is finite and masked.
+        # nothing on every call showed in profiles (EXPERIMENTS, "Search speed"). Old KV in them is
+        # finite and masked.
         batch = self._batch
         if batch is None or (batch.W, batch.S) != (width, S):
             batch = self._batch = _Batch(self, width, S)
