@@ -507,7 +507,6 @@ class DecodeEngine:
         self.cache = PrefixCache(prefix_cache_mb << 20)
         self.cache_outputs = cache_outputs
         self.prefill_tokens = prefill_tokens
-        self._tail_chars: dict[tuple[str, ...], set[str]] = {}
         self._batch: _Batch | None = None  # the last call's KV buffers (see `_generate`)
         self._candidate: dict[tuple[str, ...], frozenset[int]] = {}
         self._single: dict[tuple[str, ...], dict[int, str]] = {}
@@ -532,13 +531,9 @@ class DecodeEngine:
         if stops not in self._candidate:
             V = self.model.get_output_embeddings().weight.shape[0]
             tails = {s[-1] for s in stops if s}
-            ids: set[int] = set()
+            texts = (self.tok.decode([i], skip_special_tokens=False) for i in range(min(V, len(self.tok))))
+            cand = frozenset(i for i, t in enumerate(texts) if "\ufffd" in t or any(c in t for c in tails))
             single: dict[int, str] = {}
-            for i in range(min(V, len(self.tok))):
-                t = self.tok.decode([i], skip_special_tokens=False)
-                if "\ufffd" in t or any(c in t for c in tails):
-                    ids.add(i)
-            cand = frozenset(ids)
             for s in stops:
                 enc = self.tok.encode(s, add_special_tokens=False)
                 if len(enc) == 1 and self.tok.decode(enc) == s:
