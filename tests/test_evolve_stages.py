@@ -354,6 +354,56 @@ def test_frontier_searches_only_what_greedy_decoding_gets_wrong(run_dir, monkeyp
     assert len(keys(run_dir / "off" / "round2" / "trees.jsonl")) == len(problems())
 
 
+def test_fresh_problems_give_each_round_its_own_world_problems(tmp_path):
+    """evolve.fresh_problems on the embedded world: round r's file holds the r-th block of
+    train_per_level problems of each level, no question in two rounds, round 1's block is the
+    pool a run without the setting searches, and no seed solution is of a searched question."""
+    from rstar.data.problems import load_problems
+
+    same = quick()
+    fresh = quick(fresh_problems=True)
+    out = evolve.prepare_problems(fresh, tmp_path / "fresh")
+    evolve.prepare_problems(same, tmp_path / "same")
+    pdir = tmp_path / "fresh" / "problems"
+    shares = [load_problems(pdir / f"train_r{r}.jsonl") for r in range(1, 5)]
+    assert out["train_per_round"] == [16] * 4 and out["train"] == 64
+    for share in shares:
+        levels = [p.level for p in share]
+        assert [levels.count(str(lv)) for lv in (1, 2, 3, 4)] == same.evolve.train_per_level
+    questions = [p.question for share in shares for p in share]
+    assert len(set(questions)) == len(questions) == 64
+    assert sorted(questions) == sorted(p.question for p in load_problems(pdir / "train.jsonl"))
+    pool = load_problems(tmp_path / "same" / "problems" / "train.jsonl")
+    assert [p.question for p in shares[0]] == [p.question for p in pool]
+    assert [p.question for p in shares[1]] != [p.question for p in pool]
+    seeds = (pdir / "seed_sft.jsonl").read_text()
+    assert not any(json.dumps(q)[1:-1] in seeds for q in questions)
+    assert load_problems(pdir / "test.jsonl") == load_problems(tmp_path / "same" / "problems" / "test.jsonl")
+
+
+def test_fresh_problems_rounds_search_and_count_their_own_share(tmp_path, backends_seen):
+    """A problem file under evolve.fresh_problems: cut into one share per round (6 problems, 4
+    rounds: 2, 2, 1, 1); a round's search and its coverage take its share only."""
+    train = tmp_path / "train.jsonl"
+    one_step = "<code>\nx = 1\n<end_of_step>\nprint(x)\n<end_of_code>"  # for coverage_by_steps
+    evolve.write_problems(train, [dataclasses.replace(p, meta={"solution": one_step}) for p in problems()])
+    cfg = quick(fresh_problems=True, train_problems=str(train), sft_seed_records=0, unsolved_rollouts=[])
+    run = tmp_path / "run"
+    assert evolve.prepare_problems(cfg, run)["train_per_round"] == [2, 2, 1, 1]
+    evolve.generate_round(cfg, run, 2, "policy-r1", "")
+    share = [p.id for p in problems()[2:4]]  # 20 + 41 (even: solved), 27 + 11 (odd: unsolved)
+    assert keys(run / "round2" / "trees.jsonl") == sorted(f"{pid}#0" for pid in share)
+    out = evolve.extract_round(cfg, run, 2)
+    assert (out["coverage"]["problems"], out["coverage"]["covered"]) == (2, 1)
+    assert out["coverage_by_steps"] == {"1": {"problems": 2, "covered": 1, "coverage": 0.5}}
+    # too few problems for the rounds, and a run whose problems were written without the setting
+    with pytest.raises(evolve.RstarError, match="evolve.fresh_problems: 3 training problems"):
+        evolve.round_shares(problems()[:3], 4)
+    evolve.prepare_problems(quick(train_problems=str(train)), tmp_path / "old")
+    with pytest.raises(evolve.RstarError, match="train_r2.jsonl is missing"):
+        evolve.generate_round(cfg, tmp_path / "old", 2, "policy-r1", "")
+
+
 def test_the_searches_of_the_test_evaluation_can_wait_for_the_last_round(tmp_path, monkeypatch):
     """evolve.eval_search_each_round=false: rounds 1-3 are evaluated greedily only (no reward
     model handed to the evaluation), the last round with the searches and its PPM."""

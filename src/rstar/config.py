@@ -235,6 +235,15 @@ class EvolveConfig:
         "models. Seeded searches give the same trees either way (with a reward model, up to its float "
         "noise, as between two runs in one process), so this sets speed only (docs/RAY.md)",
     )
+    fresh_problems: bool = _f(
+        False,
+        "each round searches problems no earlier round searched: the embedded world draws "
+        "train_per_level x (number of rounds) problems and round r takes the r-th block of each level; "
+        "a training problem file is cut into as many blocks per level. Off (the paper): every round "
+        "searches the same problems. A small pool searched round after round is learned by heart: "
+        "the policy then solves its training problems far more often than unseen ones "
+        "(docs/EXPERIMENTS.md E24)",
+    )
     frontier: bool = _f(
         False,
         "each round first decodes its training problems greedily with the round's policy, and its "

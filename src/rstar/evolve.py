@@ -20,7 +20,8 @@ Every stage is resumable: a stage records itself in `RUN/state.json` when it fin
 skipped on the next run; `generate` stages resume inside the tree file (problem by problem),
 so a killed run continues at the stage and problem where it stopped. Artifacts:
 
-    RUN/problems/{train,test,seed_sft}.jsonl    RUN/models/{base,policy_rK,ppm_rK}/
+    RUN/problems/{train,test,seed_sft}.jsonl (+ train_rK.jsonl, evolve.fresh_problems)
+    RUN/models/{base,policy_rK,ppm_rK}/
     RUN/roundK/{trees.jsonl, extra*/, greedy/ (evolve.frontier), sft.jsonl, pairs.jsonl, eval/}
     RUN/report.{md,json,png}, RUN/trees.html    RUN/state.json
 """
@@ -157,27 +158,72 @@ def write_problems(path: Path, problems: list) -> None:
             f.write(json.dumps(p.to_dict()) + "\n")
 
 
+def round_shares(problems: list, rounds: int) -> list[list]:
+    """evolve.fresh_problems: the training problems cut into one share per round, each level's
+    problems (in file order) into `rounds` consecutive blocks of near-equal size, so every round
+    searches the same mix of levels and no problem twice."""
+    if len(problems) < rounds:
+        raise RstarError(
+            f"evolve.fresh_problems: {len(problems)} training problems cannot give each of {rounds} rounds its own"
+        )
+    levels: dict[object, list] = {}
+    for p in problems:
+        levels.setdefault(p.level, []).append(p)
+    shares: list[list] = [[] for _ in range(rounds)]
+    for group in levels.values():
+        size, extra = divmod(len(group), rounds)
+        start = 0
+        for r in range(rounds):
+            end = start + size + (r < extra)
+            shares[r] += group[start:end]
+            start = end
+    return shares
+
+
+def round_problems_path(cfg: Config, run: Path, r: int) -> Path:
+    """The file of the problems round r searches: its own share under evolve.fresh_problems,
+    else the run's whole training set."""
+    pdir = run / "problems"
+    if not cfg.evolve.fresh_problems:
+        return pdir / "train.jsonl"
+    path = pdir / f"train_r{r}.jsonl"
+    if not path.exists():
+        raise RstarError(
+            f"{path} is missing: this run's problems were written without evolve.fresh_problems; "
+            "resume it with the setting it started with, or start another --run-dir"
+        )
+    return path
+
+
 def prepare_problems(cfg: Config, run: Path) -> dict:
-    """Training and test problems (and, for the embedded world, the seed SFT set)."""
+    """Training and test problems (and, for the embedded world, the seed SFT set); with
+    evolve.fresh_problems also each round's share of the training problems."""
     from rstar.data.problems import load_problems
 
     e = cfg.evolve
     pdir = run / "problems"
+    seed = None
     if e.train_problems:
         train = load_problems(e.train_problems)
         test = load_problems(e.test_problems) if e.test_problems else []
-        write_problems(pdir / "train.jsonl", train)
-        write_problems(pdir / "test.jsonl", test)
-        return {"train": len(train), "test": len(test)}
-    from rstar.data.world import world_sets
+    else:
+        from rstar.data.world import world_sets
 
-    train, test, seed = world_sets(e)
+        train, test, seed = world_sets(e)
     write_problems(pdir / "train.jsonl", train)
     write_problems(pdir / "test.jsonl", test)
-    with open(pdir / "seed_sft.jsonl", "w") as f:
-        for rec in seed:
-            f.write(json.dumps(rec) + "\n")
-    return {"train": len(train), "test": len(test), "seed_sft": len(seed)}
+    out = {"train": len(train), "test": len(test)}
+    if e.fresh_problems:
+        shares = round_shares(train, len(e.rounds))
+        for r, share in enumerate(shares, start=1):
+            write_problems(pdir / f"train_r{r}.jsonl", share)
+        out["train_per_round"] = [len(s) for s in shares]
+    if seed is not None:
+        with open(pdir / "seed_sft.jsonl", "w") as f:
+            for rec in seed:
+                f.write(json.dumps(rec) + "\n")
+        out["seed_sft"] = len(seed)
+    return out
 
 
 def build_base(cfg: Config, run: Path, size: str, name: str) -> dict:
@@ -210,7 +256,7 @@ def generate_round(cfg: Config, run: Path, r: int, policy: str, ppm: str) -> dic
     rcfg = dataclasses.replace(
         rcfg, model=dataclasses.replace(rcfg.model, policy=policy, ppm=ppm if rcfg.search.ppm_init else "")
     )
-    problems = load_problems(run / "problems" / "train.jsonl")
+    problems = load_problems(round_problems_path(cfg, run, r))
     # With search actors each actor opens its own backends; the searches and their trees are the
     # same (seeded requests), only spread over processes. A small prefetch keeps the last
     # searches of a round from waiting in one actor's queue while the other has none.
@@ -300,7 +346,7 @@ def extract_round(cfg: Config, run: Path, r: int) -> dict:
     # found a correct trajectory), but their trajectories stay out of the SFT set and pairs.
     greedy = greedy_pass_dir(run, r) / "trees.jsonl"
     covered = recs + (list(iter_records(greedy)) if greedy.exists() else [])
-    by_steps = coverage_by_steps(load_problems(run / "problems" / "train.jsonl"), solved_ids(covered))
+    by_steps = coverage_by_steps(load_problems(round_problems_path(cfg, run, r)), solved_ids(covered))
     return {
         "coverage": coverage(covered),
         "coverage_by_steps": by_steps,

@@ -869,16 +869,16 @@ def per_level(counts: list[int], n_levels: int, name: str) -> dict[int, int]:
 
 def world_sets(e: EvolveConfig) -> tuple[list, list, list[dict]]:
     """The embedded world's (training problems, test problems, seed SFT records) of a run with
-    these settings. Seed solutions come from another seed's draws, minus any question that is
-    searched. `rstar evolve` writes them to RUN/problems/; `rstar model tiny --pretrain --preset
+    these settings; with `evolve.fresh_problems` the training problems are every round's blocks
+    in one list (`rstar.evolve.round_shares` cuts it). Seed solutions come from another seed's
+    draws, minus any question that is searched. `rstar evolve` writes them to RUN/problems/; `rstar model tiny --pretrain --preset
     P` pre-trains on the same seed records, so its policy is the base of `rstar evolve --preset P`."""
     world = WorldConfig()
-    train = make_split(
-        "train",
-        per_level(e.train_per_level, world.n_levels, "evolve.train_per_level"),
-        world,
-        seed=e.world_seed,
-    )
+    # evolve.fresh_problems: one block of train_per_level for each round (the first n of a
+    # longer draw are the draw of n, so round 1's block is the pool of a run without it)
+    blocks = len(e.rounds) if e.fresh_problems else 1
+    counts = per_level(e.train_per_level, world.n_levels, "evolve.train_per_level")
+    train = make_split("train", {lv: n * blocks for lv, n in counts.items()}, world, seed=e.world_seed)
     test = make_split(
         "test", per_level(e.test_per_level, world.n_levels, "evolve.test_per_level"), world, seed=e.world_seed
     )
