@@ -871,8 +871,9 @@ def world_sets(e: EvolveConfig) -> tuple[list, list, list[dict]]:
     """The embedded world's (training problems, test problems, seed SFT records) of a run with
     these settings; with `evolve.fresh_problems` the training problems are every round's blocks
     in one list (`rstar.evolve.round_shares` cuts it). Seed solutions come from another seed's
-    draws, minus any question that is searched. `rstar evolve` writes them to RUN/problems/; `rstar model tiny --pretrain --preset
-    P` pre-trains on the same seed records, so its policy is the base of `rstar evolve --preset P`."""
+    draws, minus any question that is searched. `rstar evolve` writes them to RUN/problems/;
+    `rstar model tiny --pretrain --preset P` pre-trains on the same seed records, so its policy
+    is the base of `rstar evolve --preset P`."""
     world = WorldConfig()
     # evolve.fresh_problems: one block of train_per_level for each round (the first n of a
     # longer draw are the draw of n, so round 1's block is the pool of a run without it)
