@@ -40,8 +40,9 @@ upgrade: lock
 demo: install
 	$(BIN)/rstar evolve
 
-# The default's recipe with every round searching 1,500 level 3-4 training problems instead of
-# 90 (docs/EXPERIMENTS.md E13-E14, E16, E19; README: what it shows, and its time). SEED picks the world
+# The default's recipe with every round searching 1,500 level 3-4 training problems that no
+# earlier round searched, instead of 90 (docs/EXPERIMENTS.md E13-E14, E16, E19, E24-E26; README:
+# what it shows, and its time). SEED picks the world
 # and the searches: three seeds, then
 # `rstar report runs/embedded-full-s0 runs/embedded-full-s1 runs/embedded-full-s2`.
 SEED ?= 0
