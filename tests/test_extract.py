@@ -359,6 +359,35 @@ def test_orm_outcome_pairs_without_q():
     assert len(seeds) > 1
 
 
+def test_an_answer_step_cut_at_another_stop_string_is_no_positive():
+    """Seen in an `embedded-full` round 4: the answer step ran on into code and stopped at
+    `<end_of_step>`. The search grades its box as correct, but it is not a finished solution:
+    not an SFT target, not a pair's positive (the ORM's trainer refuses it)."""
+    from rstar.training.reward import _whole_solution
+
+    t, n = tree1()
+    cut = t.add_child(
+        n["F1"],
+        "\n<answer>From the result, the answer is \\boxed{42}_total = f - 8\n<end_of_step>",
+        kind="answer",
+        terminal=ANSWER,
+        answer="42",
+        correct=True,
+        N=5,
+        q=5.0,
+    )
+    stats = ex.ExtractStats()
+    sft = ex.extract_sft([make_record(t)], top_k=10, stats=stats)
+    assert {r["response"] for r in sft} == {text(t, n[k]) for k in ("F1x", "A1x", "C1x")}
+    assert stats.unfinished_answers == 1
+    orm = ex.extract_orm([make_record(t)], top_k=10, min_edit_distance=0)
+    assert {r["pos"] for r in orm} == {HEAD + text(t, n[k]) for k in ("A1x", "A1z", "C1x", "F1x")}
+    assert all(_whole_solution(r) is None for r in orm)
+    ppm = ex.extract_ppm([make_record(t)], top_k=10, min_margin=0, min_edit_distance=0)
+    assert HEAD + text(t, cut) not in {r["pos"] for r in ppm}
+    assert any(r["pos"] == HEAD + text(t, n["F1x"]) for r in ppm)  # the finished one still is
+
+
 def test_pqm_records_every_visited_node_split_like_pairs():
     t, n = tree1()
     out = ex.extract_pqm([make_record(t)])

@@ -48,7 +48,8 @@ distance 20; pass 0 to turn either off):
   1..i-1` and pos/neg = the step. Either way `prompt + pos` is the full text of the prefix
   ending in that step, which is the string the PPM scores.
 - *Whole-trajectory pairs* (the final-answer step), per problem: the `top_k` error-free
-  correct trajectories with the highest mean Q (ties: higher min Q) against the `top_k`
+  correct trajectories (*finished*: the answer step ends with `<end_of_answer>`, as for SFT
+  and the ORM) with the highest mean Q (ties: higher min Q) against the `top_k`
   incorrect ones with the lowest mean Q (ties: lower min Q), in the first-step format with
   the whole response. Incorrect = an answer graded wrong; `invalid_negatives=True` also
   admits trajectories ending at an invalid terminal (code error, truncated, ...), as one of
@@ -57,7 +58,7 @@ distance 20; pass 0 to turn either off):
   `min_margin`, or else when the Levenshtein distance of pos and neg is below
   `min_edit_distance` characters; each pair counts under the first filter that drops it.
 
-ORM pairs (Table 8 baseline): whole trajectories only, error-free correct vs incorrect,
+ORM pairs (Table 8 baseline): whole trajectories only, finished error-free correct vs incorrect,
 chosen without Q: the `top_k` of each side with the smallest stable hash of
 (seed, problem id, response), i.e. a seeded random choice that does not depend on file
 order; edit-distance filter as above, no margin. PQM records (the other baseline): every
@@ -344,6 +345,7 @@ class ExtractStats:
     filtered_margin: int = 0
     filtered_edit_distance: int = 0
     correct_with_errors: int = 0  # visited correct trajectories dropped for a failed step
+    unfinished_answers: int = 0  # correct answers whose step stopped before <end_of_answer>
     problems_with_data: int = 0
 
 
@@ -526,10 +528,17 @@ def _collect(
         if visited_only and not t.visited:
             continue
         if t.correct is True:
-            if t.error_free:
+            if not t.error_free:
+                if t.visited:
+                    stats.correct_with_errors += 1
+            elif not t.text.rstrip().endswith(steps.END_OF_ANSWER):
+                # An answer step that ran on into code and stopped at another stop string
+                # (`<answer>... \boxed{78}_shells = x - 8<end_of_step>`): the search grades
+                # its box, but as a target it would teach the policy that broken format, and
+                # the ORM's trainer refuses it as a whole solution. Neither side of a pair.
+                stats.unfinished_answers += 1
+            else:
                 prob.pos.add(t)
-            elif t.visited:
-                stats.correct_with_errors += 1
         elif negatives and (t.correct is False or t.terminal != ANSWER):
             assert prob.neg is not None
             prob.neg.add(t)
@@ -584,9 +593,9 @@ def _dedupe(recs: list[dict]) -> list[dict]:
 
 
 def extract_sft(records: Records, top_k: int = 2, stats: ExtractStats | None = None) -> list[dict]:
-    """Policy SFT data, `{"query", "response"}`: per problem, the `top_k` error-free correct
-    trajectories (distinct responses, pooled over the problem's searches) with the highest
-    mean Q, ties by the higher min Q."""
+    """Policy SFT data, `{"query", "response"}`: per problem, the `top_k` finished error-free
+    correct trajectories (distinct responses, pooled over the problem's searches) with the
+    highest mean Q, ties by the higher min Q."""
     _check_arguments(top_k)
     stats = stats if stats is not None else ExtractStats()
 
@@ -772,6 +781,11 @@ def summary(what: str, stats: ExtractStats, args: argparse.Namespace | None = No
         lines.append(f"  step pairs {stats.step_pairs}, whole-trajectory pairs {stats.whole_pairs}")
     if what in ("sft", "ppm", "orm") and stats.correct_with_errors:
         lines.append(f"  correct trajectories left out for a failed step: {stats.correct_with_errors}")
+    if what in ("sft", "ppm", "orm") and stats.unfinished_answers:
+        lines.append(
+            f"  correct trajectories left out for an answer step without {steps.END_OF_ANSWER}: "
+            f"{stats.unfinished_answers}"
+        )
     if what in ("ppm", "orm") and args is not None:
         margin = getattr(args, "min_margin", None)
         parts = []
