@@ -152,10 +152,9 @@ def round_config(cfg: Config, r: int) -> Config:
 
 
 def write_problems(path: Path, problems: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for p in problems:
-            f.write(json.dumps(p.to_dict()) + "\n")
+    from rstar.data.extract import write_records
+
+    write_records([p.to_dict() for p in problems], path)
 
 
 def round_shares(problems: list, rounds: int) -> list[list]:
@@ -219,9 +218,9 @@ def prepare_problems(cfg: Config, run: Path) -> dict:
             write_problems(pdir / f"train_r{r}.jsonl", share)
         out["train_per_round"] = [len(s) for s in shares]
     if seed is not None:
-        with open(pdir / "seed_sft.jsonl", "w") as f:
-            for rec in seed:
-                f.write(json.dumps(rec) + "\n")
+        from rstar.data.extract import write_records
+
+        write_records(seed, pdir / "seed_sft.jsonl")
         out["seed_sft"] = len(seed)
     return out
 
