@@ -121,14 +121,13 @@ def test_ray_output_equals_a_single_machine_run(ray_address, tmp_path):
     assert json.loads((tmp_path / "ray" / "run.json").read_text())["ray"]["actors"] == 2
 
 
-def test_cli_generate_and_eval_with_the_tiny_model(ray_address, tmp_path):
+def test_cli_generate_and_eval_with_the_tiny_model(ray_address, tmp_path, tiny_dir):
     """`rstar generate --ray` and `rstar eval --ray` with a tiny random Qwen2 in each actor
     (this process is connected to Ray already, so `--ray` uses that connection)."""
     from rstar.cli import main
-    from rstar.models.tiny import build_tiny_policy
     from rstar.search.tree import Tree
 
-    model = build_tiny_policy(tmp_path / "tiny")
+    model = tiny_dir  # the session's random tiny policy (read only)
     pfile = tmp_path / "problems.jsonl"
     pfile.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in problems(6)))
     common = ["--set", "search.max_new_tokens=8", "--set", "model.device=cpu", "--set", "sandbox.workers=1"]
@@ -191,16 +190,15 @@ def test_cli_generate_and_eval_with_the_tiny_model(ray_address, tmp_path):
     )
 
 
-def test_evolve_searches_on_actors_give_the_trees_of_one_process(ray_address, tmp_path):
+def test_evolve_searches_on_actors_give_the_trees_of_one_process(ray_address, tmp_path, tiny_dir):
     """`evolve.search_actors`: a last round (its main search, then an extra pass over the
     problems it left unsolved) on 2 actors writes the same trees as in this process."""
     import dataclasses
 
     from rstar import evolve
-    from rstar.models.tiny import build_tiny_policy
     from rstar.search.treefile import iter_records
 
-    model = build_tiny_policy(tmp_path / "tiny")
+    model = tiny_dir  # the session's random tiny policy (read only)
     base = load_config(
         "quick",
         overrides=[

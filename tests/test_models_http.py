@@ -35,7 +35,6 @@ from rstar import RstarError, steps
 from rstar.models.base import Completion, GenRequest, Policy
 from rstar.models.hf import HFPolicy, first_stop
 from rstar.models.openai import OpenAIPolicy, api_root, infer_stop, share_tokens
-from rstar.models.tiny import build_tiny_policy
 
 # End to end against a llama.cpp server with a memorised model: `pytest -m "not slow"` skips it.
 pytestmark = pytest.mark.slow
@@ -100,13 +99,13 @@ class LlamaServer:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     """The tiny policy after memorising TRAIN_TEXT, saved as an HF directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = build_tiny_policy(tmp_path_factory.mktemp("http") / "policy", seed=0)
-    tok = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out)
+    out = tmp_path_factory.mktemp("http") / "policy"
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster for a tiny model
     try:
@@ -116,6 +115,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         torch.set_num_threads(threads)
     model.save_pretrained(out)
+    tok.save_pretrained(out)
     return out
 
 

@@ -9,12 +9,9 @@ import json
 import pytest
 
 from rstar.cli import main
-from rstar.config import TrainConfig
-from rstar.data.world import WorldConfig, make_split, seed_sft_records, tokenizer_corpus
-from rstar.models.tiny import build_tiny_policy
+from rstar.data.world import WorldConfig, make_split
 from rstar.search.tree import Tree
 from rstar.search.treefile import iter_records
-from rstar.training.sft import train_sft
 
 # A few small optimizer steps: `rstar train` flags shared by the SFT and PPM runs below.
 SMALL_RUN = ["--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3"]
@@ -22,19 +19,14 @@ SMALL_RUN = ["--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "4",
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def test_generate_extract_train_generate_again(tmp_path):
-    world = WorldConfig()
-    problems = make_split("train", {1: 4}, world, seed=3)
+def test_generate_extract_train_generate_again(tmp_path, pretrained_tiny):
+    # The session's pre-trained policy (conftest.py: the quick run's base, pre-trained on the
+    # world's level 1-2 seed solutions) solves some level-1 problems and fails others: sampling
+    # then produces both right and wrong steps, which is what preference pairs need.
+    problems = make_split("train", {1: 8}, WorldConfig(), seed=3)
     pfile = tmp_path / "problems.jsonl"
     pfile.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in problems))
-
-    # A policy that has nearly memorised these four solutions: sampling then produces both
-    # right and wrong steps, which is what preference pairs need.
-    build_tiny_policy(tmp_path / "init", tokenizer_corpus(world, n=200), size="tiny", vocab_size=700)
-    cfg = TrainConfig(
-        learning_rate=5e-3, epochs=100, batch_size=8, micro_batch_size=8, max_length=512, eval_fraction=0
-    )
-    train_sft(seed_sft_records(problems) * 8, tmp_path / "init", tmp_path / "policy0", cfg, max_steps=120)
+    policy0 = pretrained_tiny
 
     search = [
         "--set",
@@ -42,7 +34,7 @@ def test_generate_extract_train_generate_again(tmp_path):
         "--set",
         "search.max_new_tokens=64",
         "--set",
-        "search.temperature=1.2",
+        "search.temperature=1.0",
         "--set",
         "search.top_p=1.0",
         "--set",
@@ -56,7 +48,7 @@ def test_generate_extract_train_generate_again(tmp_path):
                 "--problems",
                 str(pfile),
                 "--policy",
-                str(tmp_path / "policy0"),
+                str(policy0),
                 "--preset",
                 "round2",
                 "--set",
@@ -69,8 +61,8 @@ def test_generate_extract_train_generate_again(tmp_path):
         == 0
     )
     recs = list(iter_records(gen1 / "trees.jsonl"))
-    assert len(recs) == 4 and all(r["config"]["search"]["rollouts"] == 6 for r in recs)
-    assert any(r["correct"] for r in recs), "the memorising policy should solve some problem"
+    assert len(recs) == len(problems) and all(r["config"]["search"]["rollouts"] == 6 for r in recs)
+    assert any(r["correct"] for r in recs), "the pre-trained policy should solve some problem"
 
     assert main(["extract", "sft", str(gen1), "--out", str(tmp_path / "sft.jsonl")]) == 0
     assert (
@@ -101,7 +93,7 @@ def test_generate_extract_train_generate_again(tmp_path):
                 "sft",
                 str(tmp_path / "sft.jsonl"),
                 "--model",
-                str(tmp_path / "policy0"),
+                str(policy0),
                 "--out",
                 str(tmp_path / "policy1"),
                 *SMALL_RUN,
@@ -149,7 +141,7 @@ def test_generate_extract_train_generate_again(tmp_path):
         == 0
     )
     recs = list(iter_records(gen2 / "trees.jsonl"))
-    assert len(recs) == 4
+    assert len(recs) == len(problems)
     values, steps = set(), 0
     for rec in recs:
         assert rec["config"]["search"]["ppm_init"] is True
@@ -202,7 +194,7 @@ def test_generate_extract_train_generate_again(tmp_path):
     assert set(summary["runs"]) == {"greedy", "bon-ppm", "mcts-ppm", "mcts-again"}
     assert set(summary["runs"]["bon-ppm"]["metrics"]) == {"1", "2"}
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 4 and all("trajectories" in r and "selected" in r for r in rows)
+    assert len(rows) == len(problems) * 4 and all("trajectories" in r and "selected" in r for r in rows)
     for r in rows:  # the chosen answer of every rule at every budget the run reports
         budgets = ["1"] if r["run"] == "greedy" else ["1", "2"]
         assert sorted(r["by_budget"]) == budgets

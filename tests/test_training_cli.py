@@ -11,14 +11,13 @@ import pytest
 
 from rstar.cli import main
 from rstar.data.world import make_split, seed_sft_records
-from rstar.models.tiny import build_tiny_policy
 from rstar.training import common
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_dir):
     d = tmp_path_factory.mktemp("train_cli")
-    build_tiny_policy(d / "base")
+    (d / "base").symlink_to(tiny_dir)  # the session's tiny policy, read only
     data = d / "sft.jsonl"
     recs = seed_sft_records(make_split("train", {1: 12}))
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
