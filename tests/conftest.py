@@ -146,7 +146,8 @@ def pytest_collection_modifyitems(session, config, items):
     tour = [i for i in items if _uses(i, "pretrained_tiny")]
     if (not quick and not tour) or config.option.collectonly:
         return
-    # the tour needs only the quick run's base (its first minutes), the quick test all of it
+    # the tour and test_pipeline need only the quick run's base (its first minutes), the quick
+    # test all of it
     items[:] = [i for i in items if i not in quick and i not in tour] + tour + quick
     if quick:
         config.stash[QUICK_EVOLVE] = start_quick_evolve()
@@ -220,8 +221,9 @@ def quick_evolve(request) -> tuple[Path, dict, object]:
 
 @pytest.fixture(scope="session")
 def pretrained_tiny(request) -> Path:
-    """The tour's `tiny`: what `rstar model tiny --pretrain --preset quick` makes. That is the
-    quick run's base policy when the quick run is part of this session (waited for until its
+    """The tour's `tiny`, and test_pipeline's first policy: what `rstar model tiny --pretrain
+    --preset quick` makes, a policy that solves some level-1 problems. That is the quick run's
+    base policy when the quick run is part of this session (waited for until its
     pre-training stage is done), else pre-trained in the background (above), or once per
     machine with RSTAR_DOCS_CACHE=DIR."""
     import time

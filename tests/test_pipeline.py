@@ -16,7 +16,8 @@ from rstar.search.treefile import iter_records
 # A few small optimizer steps: `rstar train` flags shared by the SFT and PPM runs below.
 SMALL_RUN = ["--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3"]
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+# slow: its first policy is the session's pre-trained one (conftest.py `pretrained_tiny`)
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
 
 def test_generate_extract_train_generate_again(tmp_path, pretrained_tiny):
