@@ -359,3 +359,29 @@ def test_cli_flags_map_to_the_config_section(tiny_dir: Path, tmp_path: Path) -> 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"query": "q"}]))
     assert main(["train", "sft", str(bad), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("kind", ["sft", "ppm"])
+def test_bf16_true_trains_in_bfloat16_on_the_cpu(kind: str, tiny_dir: Path, tmp_path: Path) -> None:
+    """`bf16: true` is honoured off CUDA too: the linear layers of a training step compute in
+    bfloat16 (the Trainer's autocast) and the saved weights stay fp32. The CPU SFT loss calls
+    the backbone itself, so it must enter the autocast that the Trainer puts around
+    `model.forward` only."""
+    seen: set[torch.dtype] = set()
+
+    def record(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Linear) and module.training:  # training steps only
+            seen.add(out.dtype)
+
+    cfg = TrainConfig(**FAST, bf16="true")
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        if kind == "sft":
+            train_sft(SFT_EXAMPLES, tiny_dir, tmp_path / "out", cfg, max_steps=2, device="cpu")
+        else:
+            train_reward(PAIRS, tiny_dir, tmp_path / "out", cfg, kind="ppm", max_steps=2, device="cpu")
+    finally:
+        hook.remove()
+    assert seen == {torch.bfloat16}, seen
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == "float32"

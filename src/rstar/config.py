@@ -143,7 +143,11 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "share of steps with linear warmup")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     eval_fraction: float = _f(0.05, "share of the data held out for evaluation (PPM: pairwise accuracy)")
-    bf16: str = _f("auto", "auto (bf16 where the hardware supports it) | true | false")
+    bf16: str = _f(
+        "auto",
+        "auto (bf16 autocast on a CUDA device that supports it, else fp32) | true | false; on the "
+        "CPU `true` runs the layers in bf16, which trained the tiny policy no faster than fp32",
+    )
     seed: int = _f(0, "training seed (data order, held-out split, head initialisation)")
     logging_steps: int = _f(10, "optimizer steps between log lines")
     beta: float = _f(

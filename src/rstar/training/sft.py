@@ -110,7 +110,11 @@ def _cpu_sft_trainer_class() -> type:
 
     class CompletionLossSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = completion_loss(model, inputs, num_items_in_batch)
+            # The Trainer's mixed precision (`bf16: true`) is an autocast that accelerate puts
+            # around `model.forward`; `completion_loss` calls the backbone and the LM head
+            # itself, so it enters that autocast here (without it bf16 ran as fp32 on the CPU).
+            with self.accelerator.autocast():
+                loss = completion_loss(model, inputs, num_items_in_batch)
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return CompletionLossSFTTrainer
